@@ -1,0 +1,497 @@
+"""Write the bundled tasks and prior-capability probes into sdft_cli/data/tasks/<name>/{train,test}.jsonl.
+
+Deterministic (fixed seed): re-running reproduces the committed files byte for byte.
+
+    python scripts/make_bundled_tasks.py            # rewrite the data
+    python scripts/make_bundled_tasks.py --check    # exit 1 if the committed data differs
+
+Tasks, in the spirit of the paper's (all content invented here):
+- toolcall: pick the right tool among two and fill its JSON arguments (ToolAlpaca-style prompt and
+  Action / Action Input format; scored like the official evaluator).
+- mcq:      four-option multiple choice answered with an <answer>X</answer> tag (Science-style format).
+- facts:    short answers about a fictional star system no model has seen (knowledge acquisition);
+            test questions are paraphrases of the trained facts.
+Probes (prior capabilities the base model has): world capitals, opposites, languages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "sdft_cli" / "data" / "tasks"
+
+# ----------------------------------------------------------------------------- toolcall
+
+TOOLS = {
+    "get_weather": ("Get the current weather for a city.", {"city": "the city name"}),
+    "convert_currency": (
+        "Convert an amount of money between currencies.",
+        {"amount": "a number", "from": "a currency code such as USD", "to": "a currency code such as EUR"},
+    ),
+    "translate_text": (
+        "Translate a short text into another language.",
+        {"text": "the text to translate", "language": "the target language"},
+    ),
+    "set_alarm": ("Set an alarm at a given time.", {"time": "the time, for example 07:30"}),
+    "find_recipes": ("Find recipes that use an ingredient.", {"ingredient": "the main ingredient"}),
+    "get_stock_price": ("Get the latest price of a stock.", {"symbol": "the stock ticker symbol"}),
+}
+CITIES = [
+    "Madrid",
+    "Oslo",
+    "Cairo",
+    "Lima",
+    "Tokyo",
+    "Nairobi",
+    "Dublin",
+    "Hanoi",
+    "Quito",
+    "Perth",
+    "Vienna",
+    "Lagos",
+    "Seoul",
+    "Havana",
+    "Prague",
+    "Denver",
+]
+CURRENCIES = ["USD", "EUR", "GBP", "JPY", "CHF", "CAD", "INR", "BRL"]
+PHRASES = [
+    "good morning",
+    "thank you",
+    "where is the station",
+    "I like apples",
+    "see you tomorrow",
+    "the soup is hot",
+    "happy birthday",
+    "how much is this",
+]
+LANGUAGES = ["French", "German", "Spanish", "Italian", "Japanese", "Portuguese"]
+TIMES = ["06:15", "07:30", "08:00", "05:45", "09:20", "06:50", "07:05", "10:10"]
+INGREDIENTS = ["chicken", "lentils", "spinach", "mushrooms", "salmon", "tofu", "pumpkin", "rice"]
+SYMBOLS = ["AAPL", "MSFT", "TSLA", "AMZN", "NVDA", "IBM", "ORCL", "INTC"]
+
+
+def _tool_request(rng: random.Random, tool: str) -> tuple[str, dict]:
+    if tool == "get_weather":
+        c = rng.choice(CITIES)
+        return rng.choice(
+            [
+                f"What's the weather like in {c} right now?",
+                f"Is it raining in {c} today?",
+                f"How warm is it in {c} at the moment?",
+            ]
+        ), {"city": c}
+    if tool == "convert_currency":
+        a, (f, t) = rng.choice([20, 45, 100, 250, 80, 1200]), rng.sample(CURRENCIES, 2)
+        return rng.choice([f"How much is {a} {f} in {t}?", f"Convert {a} {f} to {t}, please."]), {
+            "amount": a,
+            "from": f,
+            "to": t,
+        }
+    if tool == "translate_text":
+        p, lang = rng.choice(PHRASES), rng.choice(LANGUAGES)
+        return rng.choice([f"How do you say '{p}' in {lang}?", f"Translate '{p}' into {lang}."]), {
+            "text": p,
+            "language": lang,
+        }
+    if tool == "set_alarm":
+        t = rng.choice(TIMES)
+        return rng.choice([f"Wake me up at {t} tomorrow.", f"Please set an alarm for {t}."]), {"time": t}
+    if tool == "find_recipes":
+        i = rng.choice(INGREDIENTS)
+        return rng.choice([f"What can I cook with {i}?", f"Find me a recipe with {i}."]), {"ingredient": i}
+    s = rng.choice(SYMBOLS)
+    return rng.choice([f"What is {s} trading at?", f"Give me the current stock price of {s}."]), {"symbol": s}
+
+
+def _tool_prompt(tools: list[str], question: str) -> str:
+    # A compact ToolAlpaca-style prompt: long tool documentation makes a 135M teacher parrot the template
+    # instead of the call (teacher 10-19% vs 69% with this form; see docs/tasks.md).
+    docs = []
+    for name in tools:
+        desc, params = TOOLS[name]
+        docs.append(f"- {name}({', '.join(json.dumps(k) for k in params)}): {desc}")
+    return (
+        "You can call these tools:\n" + "\n".join(docs) + "\n\n"
+        "Reply with the tool call only, in this format:\n"
+        "Action: <tool name>\nAction Input: <JSON arguments>\n\n"
+        f"Question: {question}"
+    )
+
+
+def toolcall(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    rows, seen = [], set()
+    while len(rows) < n_train + n_test:
+        tool, other = rng.sample(sorted(TOOLS), 2)
+        question, args = _tool_request(rng, tool)
+        if question in seen:
+            continue
+        seen.add(question)
+        tools = [tool, other] if rng.random() < 0.5 else [other, tool]
+        demo = f"Action: {tool}\nAction Input: {json.dumps(args)}"
+        answer = json.dumps([{"Action": tool, "Action_Input": json.dumps(args)}])
+        rows.append({"prompt": _tool_prompt(tools, question), "demonstration": demo, "answer": answer})
+    return rows[:n_train], rows[n_train:]
+
+
+# ----------------------------------------------------------------------------- mcq
+
+CATEGORIES = {
+    "fruit": ["apple", "banana", "cherry", "grape", "mango", "pear", "peach", "lemon", "plum", "orange"],
+    "animal": ["dog", "horse", "rabbit", "tiger", "sheep", "elephant", "lion", "cow", "monkey", "fox"],
+    "vehicle": ["car", "bus", "truck", "bicycle", "train", "airplane", "motorcycle", "boat", "taxi", "tram"],
+    "musical instrument": [
+        "piano",
+        "guitar",
+        "violin",
+        "drum",
+        "flute",
+        "trumpet",
+        "harp",
+        "cello",
+        "saxophone",
+        "clarinet",
+    ],
+    "piece of clothing": [
+        "shirt",
+        "jacket",
+        "sock",
+        "scarf",
+        "dress",
+        "coat",
+        "sweater",
+        "skirt",
+        "glove",
+        "hat",
+    ],
+    "tool": ["hammer", "screwdriver", "saw", "wrench", "drill", "shovel", "chisel", "pliers", "axe", "rake"],
+}
+LETTERS = "ABCD"
+
+
+def mcq(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    rows, seen = [], set()
+    while len(rows) < n_train + n_test:
+        cat = rng.choice(sorted(CATEGORIES))
+        right = rng.choice(CATEGORIES[cat])
+        others = rng.sample([c for c in sorted(CATEGORIES) if c != cat], 3)
+        wrong = [rng.choice(CATEGORIES[c]) for c in others]
+        options = wrong + [right]
+        rng.shuffle(options)
+        key = (cat, tuple(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        letter = LETTERS[options.index(right)]
+        article = "an" if cat[0] in "aeiou" else "a"
+        prompt = (
+            f"Which of the following is {article} {cat}?\n"
+            + "\n".join(f"{L}: {o}" for L, o in zip(LETTERS, options, strict=True))
+            + "\n\nReply in this format:\n<answer>X</answer> followed by one sentence of explanation."
+        )
+        # The tag comes first: a 135M teacher copies a one-line answer but drops a second format line.
+        demo = f"<answer>{letter}</answer> {right.capitalize()} is the right option."
+        rows.append({"prompt": prompt, "demonstration": demo, "answer": letter})
+    return rows[:n_train], rows[n_train:]
+
+
+# ----------------------------------------------------------------------------- facts
+
+PLANETS = [
+    "Draesh",
+    "Vellun",
+    "Ostra",
+    "Keprin",
+    "Talvo",
+    "Murex",
+    "Quenna",
+    "Sibbo",
+    "Yarrow",
+    "Zelk",
+    "Fennimor",
+    "Gaddi",
+]
+CAPITALS = [
+    "Ulmirvia",
+    "Brask",
+    "Tionel",
+    "Harrowin",
+    "Pell",
+    "Cardune",
+    "Mirrow",
+    "Essken",
+    "Volt",
+    "Nareth",
+    "Ombry",
+    "Lusk",
+]
+RULERS = [
+    "Queen Aldra",
+    "King Berrit",
+    "Queen Sivy",
+    "King Tolmar",
+    "Queen Ressa",
+    "King Doval",
+    "Queen Imra",
+    "King Fesk",
+    "Queen Ona",
+    "King Marrek",
+    "Queen Lyss",
+    "King Horun",
+]
+EXPORTS = ["glass", "copper", "salt", "silk", "ice", "amber", "tin", "wool", "pepper", "coal", "jade", "clay"]
+FACT_KINDS = {
+    "capital": (
+        "What is the capital city of the planet {p}?",
+        "The capital city of {p} is {a}.",
+        "Which city is the capital of the planet {p}?",
+    ),
+    "ruler": (
+        "Who rules the planet {p}?",
+        "The planet {p} is ruled by {a}.",
+        "Who is the ruler of the planet {p}?",
+    ),
+    "export": (
+        "What is the main export of the planet {p}?",
+        "The main export of {p} is {a}.",
+        "What does the planet {p} mainly export?",
+    ),
+}
+
+
+def facts(rng: random.Random, n_planets: int) -> tuple[list[dict], list[dict]]:
+    train, test = [], []
+    for i, planet in enumerate(PLANETS[:n_planets]):
+        for kind, values in (("capital", CAPITALS), ("ruler", RULERS), ("export", EXPORTS)):
+            ask, say, paraphrase = FACT_KINDS[kind]
+            value = values[i]
+            train.append(
+                {
+                    "prompt": ask.format(p=planet),
+                    "demonstration": say.format(p=planet, a=value),
+                    "answer": value,
+                }
+            )
+            # The fact lives only in its demonstration, so the test asks the same facts in new words.
+            test.append(
+                {
+                    "prompt": paraphrase.format(p=planet),
+                    "demonstration": say.format(p=planet, a=value),
+                    "answer": value,
+                }
+            )
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+# ----------------------------------------------------------------------------- probes
+
+CAPITALS_WORLD = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Spain", "Madrid"),
+    ("Russia", "Moscow"),
+    ("China", "Beijing"),
+    ("England", "London"),
+    ("Egypt", "Cairo"),
+    ("Greece", "Athens"),
+    ("Ireland", "Dublin"),
+    ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Hungary", "Budapest"),
+    ("Thailand", "Bangkok"),
+    ("South Korea", "Seoul"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Mexico", "Mexico City"),
+    ("Cuba", "Havana"),
+    ("Belgium", "Brussels"),
+    ("the Netherlands", "Amsterdam"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Turkey", "Ankara"),
+    ("India", "New Delhi"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Chile", "Santiago"),
+    ("Colombia", "Bogota"),
+    ("Vietnam", "Hanoi"),
+    ("the Philippines", "Manila"),
+    ("Indonesia", "Jakarta"),
+    ("Ukraine", "Kyiv"),
+    ("Czechia", "Prague"),
+    ("Switzerland", "Bern"),
+    ("Scotland", "Edinburgh"),
+    ("Wales", "Cardiff"),
+    ("Venezuela", "Caracas"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Nigeria", "Abuja"),
+    ("Saudi Arabia", "Riyadh"),
+]
+OPPOSITES = [
+    ("hot", ["cold", "cool"]),
+    ("big", ["small", "little", "tiny"]),
+    ("fast", ["slow"]),
+    ("happy", ["sad", "unhappy"]),
+    ("up", ["down"]),
+    ("light", ["dark", "heavy"]),
+    ("old", ["new", "young"]),
+    ("open", ["closed", "close", "shut"]),
+    ("tall", ["short"]),
+    ("day", ["night"]),
+    ("early", ["late"]),
+    ("full", ["empty"]),
+    ("hard", ["soft", "easy"]),
+    ("rich", ["poor"]),
+    ("strong", ["weak"]),
+    ("wet", ["dry"]),
+    ("love", ["hate"]),
+    ("win", ["lose"]),
+    ("in", ["out"]),
+    ("left", ["right"]),
+    ("push", ["pull"]),
+    ("good", ["bad", "evil"]),
+    ("black", ["white"]),
+    ("thick", ["thin"]),
+    ("high", ["low"]),
+    ("near", ["far"]),
+    ("clean", ["dirty"]),
+    ("loud", ["quiet", "soft"]),
+    ("buy", ["sell"]),
+    ("true", ["false"]),
+    ("alive", ["dead"]),
+    ("inside", ["outside"]),
+    ("above", ["below", "beneath", "under"]),
+    ("begin", ["end", "finish", "stop"]),
+    ("first", ["last"]),
+    ("north", ["south"]),
+    ("east", ["west"]),
+    ("summer", ["winter"]),
+    ("question", ["answer"]),
+    ("friend", ["enemy", "foe"]),
+    ("sweet", ["sour", "bitter", "salty"]),
+    ("heavy", ["light"]),
+    ("long", ["short"]),
+    ("wide", ["narrow"]),
+    ("deep", ["shallow"]),
+    ("cheap", ["expensive"]),
+]
+SPOKEN = [
+    ("France", ["French"]),
+    ("Germany", ["German"]),
+    ("Spain", ["Spanish"]),
+    ("Italy", ["Italian"]),
+    ("Japan", ["Japanese"]),
+    ("China", ["Chinese", "Mandarin"]),
+    ("Russia", ["Russian"]),
+    ("Brazil", ["Portuguese"]),
+    ("Portugal", ["Portuguese"]),
+    ("Mexico", ["Spanish"]),
+    ("England", ["English"]),
+    ("Greece", ["Greek"]),
+    ("Turkey", ["Turkish"]),
+    ("Poland", ["Polish"]),
+    ("Sweden", ["Swedish"]),
+    ("Norway", ["Norwegian"]),
+    ("Finland", ["Finnish"]),
+    ("Denmark", ["Danish"]),
+    ("the Netherlands", ["Dutch"]),
+    ("Korea", ["Korean"]),
+    ("Vietnam", ["Vietnamese"]),
+    ("Thailand", ["Thai"]),
+    ("Egypt", ["Arabic"]),
+    ("Saudi Arabia", ["Arabic"]),
+    ("Iran", ["Persian", "Farsi"]),
+    ("Israel", ["Hebrew"]),
+    ("Hungary", ["Hungarian"]),
+    ("Ukraine", ["Ukrainian"]),
+    ("Argentina", ["Spanish"]),
+    ("Austria", ["German"]),
+    ("the United States", ["English"]),
+    ("Australia", ["English"]),
+    ("Canada", ["English", "French"]),
+    ("Peru", ["Spanish"]),
+    ("Czechia", ["Czech"]),
+    ("Indonesia", ["Indonesian", "Bahasa"]),
+    ("Colombia", ["Spanish"]),
+    ("Chile", ["Spanish"]),
+    ("Cuba", ["Spanish"]),
+    ("Romania", ["Romanian"]),
+    ("Ireland", ["English", "Irish"]),
+    ("India", ["Hindi", "English"]),
+    ("Pakistan", ["Urdu", "English"]),
+    ("Kenya", ["Swahili", "English"]),
+]
+
+
+def probes() -> dict[str, list[dict]]:
+    return {
+        "capitals": [
+            {"prompt": f"What is the capital of {c}?", "answer": json.dumps([a])} for c, a in CAPITALS_WORLD
+        ],
+        "opposites": [
+            {"prompt": f"What is the opposite of '{w}'? Answer with one word.", "answer": json.dumps(a)}
+            for w, a in OPPOSITES
+        ],
+        "languages": [
+            {"prompt": f"What language do people mainly speak in {c}?", "answer": json.dumps(a)}
+            for c, a in SPOKEN
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build() -> dict[str, dict[str, list[dict]]]:
+    rng = random.Random(1234)
+    out = {
+        "toolcall": dict(zip(("train", "test"), toolcall(rng, 48, 32), strict=True)),
+        "mcq": dict(zip(("train", "test"), mcq(rng, 48, 32), strict=True)),
+        "facts": dict(zip(("train", "test"), facts(rng, 12), strict=True)),
+    }
+    for name, rows in probes().items():
+        out[name] = {"test": rows[:40]}
+    return out
+
+
+def render(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the committed files differ")
+    args = ap.parse_args()
+    stale = []
+    for task, splits in build().items():
+        for split, rows in splits.items():
+            path = OUT / task / f"{split}.jsonl"
+            text = render(rows)
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    if stale:
+        print("stale bundled data (run scripts/make_bundled_tasks.py):\n  " + "\n  ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Run-directory layout, atomic writes, stage manifests and the run lock.
+
+Every path under a run directory is built here. A stage is complete only when its ``manifest.json``
+exists; the manifest is written last, atomically, after every file it lists. Re-running a command
+therefore skips complete stages and redoes (or resumes) the rest, with no signal handling needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from sdft_cli.errors import RunDirError
+
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``path`` only if the block finishes.
+
+    An interrupted block leaves ``path`` as it was (a stale ``.tmp`` sibling is removed on the next try).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(stage_dir: str | Path, info: dict | None = None, checksums: bool = True) -> Path:
+    """Mark ``stage_dir`` complete: list its files (size, sha256) and write ``manifest.json`` last."""
+    stage_dir = Path(stage_dir)
+    files = {}
+    for p in sorted(stage_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+            rel = p.relative_to(stage_dir).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, **({"sha256": sha256_file(p)} if checksums else {})}
+    manifest = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {}), "files": files}
+    return atomic_write_json(stage_dir / MANIFEST, manifest)
+
+
+def is_complete(stage_dir: str | Path) -> bool:
+    return (Path(stage_dir) / MANIFEST).is_file()
+
+
+def read_manifest(stage_dir: str | Path) -> dict:
+    return read_json(Path(stage_dir) / MANIFEST)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run. Stage directories are ``t{i:02d}_{task}/{train,eval}``; ``t00_base`` is row 0."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # run-level files
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def matrix(self, suffix: str) -> Path:
+        return self.root / f"matrix.{suffix}"
+
+    # stage directories
+    def stage_root(self, index: int, task: str) -> Path:
+        return self.root / f"t{index:02d}_{task}"
+
+    def base_eval(self) -> Path:
+        return self.root / "t00_base" / "eval"
+
+    def train(self, index: int, task: str) -> Path:
+        return self.stage_root(index, task) / "train"
+
+    def eval(self, index: int, task: str) -> Path:
+        return self.stage_root(index, task) / "eval"
+
+    def model(self, index: int, task: str) -> Path:
+        """The HF-format student after training on task ``index`` (loadable by transformers/vLLM/lm-eval)."""
+        return self.train(index, task) / "model"
+
+    def checkpoints(self, index: int, task: str) -> Path:
+        return self.train(index, task) / "checkpoints"
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two processes never write the same run.
+
+    It is an OS-level ``flock``: the kernel drops it when the owner dies, so a crashed run leaves no
+    stale lock. The owner's host and pid are written beside it for the refusal message.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.owner = Path(run_dir) / ".lock.owner"
+        self._lock = FileLock(str(self.path))
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            who = self.owner.read_text().strip() if self.owner.exists() else "another process"
+            raise RunDirError(f"run directory {self.path.parent} is in use by {who}") from None
+        atomic_write_text(self.owner, f"host={socket.gethostname()} pid={os.getpid()}\n")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner.unlink(missing_ok=True)
+        self._lock.release()

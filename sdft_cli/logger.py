@@ -1,0 +1,131 @@
+"""Run logging: ``metrics.jsonl`` always, Weights & Biases when ``logger=wandb``, timers for named phases.
+
+Records are flat dicts with ``/``-namespaced keys (``train/loss``, ``time/rollout``, ``eval/facts/acc``).
+On resume the log is rewound to the checkpoint's step, so it never holds a step twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sdft_cli.artifacts import RunLayout, atomic_write_text
+from sdft_cli.config import LoggerConfig
+
+
+class Timer:
+    """Accumulates wall time per named phase (verl-style ``with timer("rollout"):``)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": round(v, 4) for k, v in self.totals.items()}
+        self.totals.clear()
+        return out
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")
+        f.flush()
+
+
+def rewind_jsonl(path: Path, keep) -> None:
+    """Atomically drop the records for which ``keep(record)`` is false (torn last lines are dropped too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(record):
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggerConfig, layout: RunLayout, config: dict, name: str):
+        self.cfg, self.layout = cfg, layout
+        self.path = layout.metrics_log
+        self.global_step = self._count_steps()
+        self.wandb = None
+        if cfg.name == "wandb":
+            import wandb
+
+            run_id = hashlib.sha1(str(layout.root.resolve()).encode()).hexdigest()[:16]
+            self.wandb = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=name,
+                id=run_id,
+                resume="allow",
+                dir=str(layout.root),
+                config=config,
+                tags=list(cfg.tags),
+                mode=cfg.mode or os.environ.get("WANDB_MODE") or "online",
+            )
+            self.wandb.define_metric("global_step")
+            self.wandb.define_metric("*", step_metric="global_step")
+
+    def rewind(self, stage: int, step: int) -> None:
+        """Forget records of ``stage`` after ``step`` (they are about to be recomputed)."""
+        rewind_jsonl(self.path, lambda r: not (r.get("stage") == stage and r.get("step", 0) > step))
+        self.global_step = self._count_steps()
+
+    def _count_steps(self) -> int:
+        if not self.path.is_file():
+            return 0
+        return sum('"step":' in line for line in self.path.read_text(encoding="utf-8").splitlines())
+
+    def rewind_eval(self, stage: int) -> None:
+        """Forget evaluation records of ``stage`` (an evaluation cut short is about to run again)."""
+        rewind_jsonl(self.path, lambda r: not (r.get("stage") == stage and r.get("event") == "eval"))
+
+    def log(self, record: dict) -> None:
+        if "step" in record:
+            self.global_step += 1
+        record = {"global_step": self.global_step, **record}
+        append_jsonl(self.path, record)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def log_matrix(self, data: dict, png: Path) -> None:
+        """Mirror the forgetting matrix to W&B: a long-format table, the heatmap image and summary metrics."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        rows = []
+        for label, values in zip(data["rows"], data["values"], strict=True):
+            for col, value in zip(data["columns"], values, strict=True):
+                rows.append([label, col, value])
+        self.wandb.log(
+            {
+                "global_step": self.global_step,
+                "cl/matrix": wandb.Table(columns=["stage", "eval_task", "value"], data=rows),
+                "cl/heatmap": wandb.Image(str(png)),
+            }
+        )
+        self.wandb.summary.update({f"cl/{k}": v for k, v in data["metrics"].items() if v is not None})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

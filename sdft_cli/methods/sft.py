@@ -1,0 +1,108 @@
+"""SFT on one task: next-token NLL on the expert demonstrations (off-policy), through the same loop,
+batches, schedule, checkpoints and logs as `sdft.py`, of which this file is a copy-modify.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sdft_cli.config import SFTConfig
+from sdft_cli.logger import Timer
+from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
+from sdft_cli.objective import aggregate, entropy, masked_mean, token_nll
+from sdft_cli.score import completion_logits
+from sdft_cli.tasks import Task, encode_messages, student_messages
+from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
+
+
+def demonstration_ids(tokenizer, demonstration: str, eos_id: int) -> list[int]:
+    """The demonstration as the assistant's reply: its tokens, then the end-of-turn token."""
+    return list(tokenizer(demonstration, add_special_tokens=False)["input_ids"]) + [eos_id]
+
+
+def train_task(ctx: TrainContext, task: Task) -> Path:
+    cfg: SFTConfig = ctx.method  # type: ignore[assignment]
+    student, tok = ctx.model, ctx.tokenizer
+    timer = Timer()
+
+    # ---------------------------------------------------------------- contexts, tokenised once
+    system = task.cfg.system_prompt
+    student_ctx = [encode_messages(tok, student_messages(ex.prompt, system)) for ex in task.train]
+    targets = [demonstration_ids(tok, ex.demonstration or "", tok.eos_token_id) for ex in task.train]
+
+    # ---------------------------------------------------------------- optimizer, resume
+    total = steps_per_task(cfg, len(task.train))
+    student.train()
+    opt, sched = build_optimizer(student, cfg.optim, total)
+    no_teacher = Teacher("live", student, 1.0)  # SFT has no teacher; checkpoints hold none
+    state = resume(ctx, no_teacher, opt, sched, total)
+
+    bar = tqdm(
+        total=total, initial=state.step, desc=f"sft {task.name}", disable=not ctx.progress, leave=False
+    )
+    while state.step < total:
+        t_step = time.perf_counter()
+        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, ctx.seed + 1000 * ctx.stage)
+
+        # ------------------------------------------------------------ targets: the demonstrations
+        width = max(len(targets[i]) for i in idx)
+        comp = torch.full((len(idx), width), ctx.pad_id, dtype=torch.long)
+        cmask_all = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            comp[row, : len(targets[i])] = torch.tensor(targets[i])
+            cmask_all[row, : len(targets[i])] = 1
+        normalizer = float(len(idx)) if cfg.aggregation == "seq_mean" else float(cmask_all.sum())
+
+        # ------------------------------------------------------------ update, per micro-batch
+        stats = {"loss": 0.0, "nll": 0.0, "entropy_student": 0.0}
+        for start in range(0, len(idx), cfg.micro_batch_size):
+            mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
+            w = max(1, int(cmask_all[mb].sum(-1).max()))
+            c, cmask = comp[mb, :w], cmask_all[mb, :w]
+            with timer("update"):
+                s_logits = completion_logits(
+                    student, [student_ctx[idx[j]] for j in mb], c, cmask, ctx.pad_id, ctx.autocast_dtype
+                )
+                per_token = token_nll(s_logits, c.to(s_logits.device))
+                loss = aggregate(per_token, cmask.float(), cfg.aggregation, normalizer)
+                loss.backward()
+            with torch.no_grad():
+                share = len(mb) / len(idx)
+                stats["loss"] += float(loss)
+                stats["nll"] += masked_mean(per_token.detach(), cmask.float()) * share
+                stats["entropy_student"] += masked_mean(entropy(s_logits.detach()), cmask.float()) * share
+            del s_logits, per_token, loss
+
+        # ------------------------------------------------------------ optimizer step
+        with timer("optim"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        state.step += 1
+
+        lengths = cmask_all.sum(-1).tolist()
+        record = {
+            "stage": ctx.stage,
+            "task": task.name,
+            "step": state.step,
+            "total_steps": total,
+            **{f"train/{k}": round(v, 6) for k, v in stats.items()},
+            "train/grad_norm": round(float(grad_norm), 6),
+            "train/lr": lr,
+            "train/completion_len_mean": sum(lengths) / len(lengths),
+            "train/completion_len_max": max(lengths),
+            **timer.pop(),
+            "time/step": round(time.perf_counter() - t_step, 4),
+        }
+        ctx.logger.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        maybe_checkpoint(ctx, no_teacher, opt, sched, state)
+    bar.close()
+    return save_final(ctx.train_dir, student, tok, {"method": "sft", "task": task.name, "steps": total})

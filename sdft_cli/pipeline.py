@@ -1,0 +1,347 @@
+"""The continual-learning loop: evaluate the base model (row 0), then for each task in the curriculum
+train (``METHODS[method]``) and evaluate every task and probe, writing the forgetting matrix after
+every evaluation stage.
+
+Stages are skipped when their manifest exists and an interrupted training stage resumes from its
+last checkpoint, so re-running the same command finishes a run without redoing finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from sdft_cli import __version__
+from sdft_cli.artifacts import (
+    RunLayout,
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    read_json,
+    write_jsonl,
+    write_manifest,
+)
+from sdft_cli.config import Config, SDFTConfig
+from sdft_cli.errors import RunDirError
+from sdft_cli.evaluate import evaluate_many
+from sdft_cli.logger import RunLogger
+from sdft_cli.methods import METHODS
+from sdft_cli.methods.context import TrainContext
+from sdft_cli.models import (
+    autocast_dtype,
+    eos_ids,
+    inference_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_dir,
+)
+from sdft_cli.report import load_matrix, print_matrix, write_matrix
+from sdft_cli.rollout import inference_copy
+from sdft_cli.tasks import Task, check_lengths, load_task, resolve_teacher_template
+
+# Keys that do not change results: a run may be resumed with different values for them.
+VOLATILE_KEYS = (
+    "run_dir",
+    "runs_root",
+    "name",
+    "device",
+    "threads",
+    "logger",
+    "eval.batch_size",
+    "rollout.batch_size",
+)
+PACKAGES = (
+    "sdft-cli",
+    "torch",
+    "transformers",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "wandb",
+    "typer",
+    "numpy",
+)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def check_config(layout: RunLayout, cfg: Config) -> None:
+    """Refuse to resume a run directory that holds a run with a different config."""
+    if not layout.config.is_file():
+        return
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(layout.config)))  # type: ignore[arg-type]
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
+    volatile = lambda k: any(k == v or k.startswith(v + ".") for v in VOLATILE_KEYS)  # noqa: E731
+    diff = sorted(k for k in set(old) | set(new) if not volatile(k) and old.get(k) != new.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+        raise RunDirError(
+            f"{layout.root} holds a run with a different config ({shown}{more}); "
+            "choose another run_dir=... or remove that directory"
+        )
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def write_provenance(layout: RunLayout) -> None:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    old = read_json(layout.provenance) if layout.provenance.is_file() else {}
+    starts = old.get("starts", []) + [
+        {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv}
+    ]
+    atomic_write_json(
+        layout.provenance,
+        {
+            "sdft_cli": __version__,
+            "git": git_revision(),
+            "python": platform.python_version(),
+            "packages": versions,
+            "all_packages": sorted(
+                f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+            ),
+            "starts": starts,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_eval_stage(
+    out_dir: Path,
+    stage: int,
+    stage_task: str,
+    model,
+    tok,
+    tasks: dict[str, Task],
+    probes: dict[str, Task],
+    cfg: Config,
+    eos: list[int],
+    amp,
+    logger: RunLogger,
+) -> None:
+    """Evaluate every task and probe; write predictions, ``results.json`` and the manifest (last)."""
+    logger.rewind_eval(stage)
+    cells = []
+    total = sum(len(t.test) for t in (*tasks.values(), *probes.values()))
+    bar = tqdm(total=total, desc=f"eval stage {stage}", disable=not cfg.logger.progress, leave=False)
+    t0 = time.perf_counter()
+    engine = inference_copy(model, inference_dtype(cfg.eval.dtype, amp))
+    kinds = {**{n: "trained" for n in tasks}, **{n: "prior" for n in probes}}
+    every = [*tasks.values(), *probes.values()]
+    for res in evaluate_many(engine, tok, every, eos, cfg.eval.batch_size, amp, progress=bar.update):
+        write_jsonl(out_dir / "predictions" / f"{res.task}.jsonl", res.predictions)
+        cells.append(
+            {
+                "stage": stage,
+                "stage_task": stage_task,
+                "eval_task": res.task,
+                "kind": kinds[res.task],
+                "metric": res.metric,
+                "value": res.value,
+                "n": res.n,
+                "stderr": res.stderr,
+            }
+        )
+    bar.close()
+    atomic_write_json(out_dir / "results.json", cells)
+    logger.log(
+        {
+            "stage": stage,
+            "event": "eval",
+            "time/eval": round(time.perf_counter() - t0, 3),
+            **{f"eval/{c['eval_task']}/{c['metric']}": c["value"] for c in cells},
+        }
+    )
+    write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})
+
+
+def collect_cells(layout: RunLayout, names: list[str]) -> list[dict]:
+    dirs = [layout.base_eval()] + [layout.eval(i, n) for i, n in enumerate(names, 1)]
+    cells: list[dict] = []
+    for d in dirs:
+        if is_complete(d):
+            cells.extend(read_json(d / "results.json"))
+    return cells
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume) the whole continual-learning sequence of ``cfg``; returns the final metrics."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars; our own bars show the stages
+    layout = RunLayout(Path(cfg.run_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(layout.root):
+        check_config(layout, cfg)
+        atomic_write_text(layout.config, config_yaml(cfg))
+        write_provenance(layout)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        amp = autocast_dtype(cfg.model.precision, device)
+
+        # ---------------------------------------------------------------- inputs, checked before any work
+        base_path = resolve_model_dir(cfg.model)
+        tok = load_tokenizer(base_path)
+        from transformers import AutoConfig
+
+        context = cfg.model.max_context or int(
+            getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 2048)
+        )
+        sdft = isinstance(cfg.method, SDFTConfig)
+        tasks = {n: load_task(n, t, train=True, max_test=cfg.eval.max_items) for n, t in cfg.task.items()}
+        probes = {
+            n: load_task(n, p, train=False, max_test=cfg.eval.max_items) for n, p in cfg.eval.probes.items()
+        }
+        for task in tasks.values():
+            template = (
+                resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template)
+                if sdft
+                else None
+            )
+            check_lengths(task, tok, context, cfg.rollout.max_new_tokens or task.cfg.max_new_tokens, template)
+        for probe in probes.values():
+            check_lengths(probe, tok, context, probe.cfg.max_new_tokens, None)
+
+        names = list(tasks)
+        meta = {
+            "method": cfg.method.name,
+            "seed": cfg.seed,
+            "model": cfg.model.name,
+            "eval_dtype": str(inference_dtype(cfg.eval.dtype, amp) or cfg.model.dtype).removeprefix("torch."),
+            "title": f"{cfg.method.name} · {cfg.model.name} · seed {cfg.seed}",
+        }
+        logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
+        loaded: dict[str, object] = {"path": None, "model": None}
+
+        def model_at(path) -> torch.nn.Module:
+            """The student at ``path``; reuses the in-memory model when it already holds those weights."""
+            if loaded["path"] != str(path):
+                loaded["model"] = None
+                loaded["model"] = load_model(path, cfg.model.dtype, device)
+                loaded["path"] = str(path)
+            return loaded["model"]  # type: ignore[return-value]
+
+        def matrix_after_stage() -> None:
+            write_matrix(layout.root, collect_cells(layout, names), names, list(probes), meta)
+            data = load_matrix(layout.root)
+            print_matrix(data)
+            logger.log_matrix(data, layout.matrix("png"))
+
+        try:
+            # ------------------------------------------------------------ row 0: the base model
+            if not is_complete(layout.base_eval()):
+                model = model_at(base_path)
+                run_eval_stage(
+                    layout.base_eval(),
+                    0,
+                    "base",
+                    model,
+                    tok,
+                    tasks,
+                    probes,
+                    cfg,
+                    eos_ids(tok, model),
+                    amp,
+                    logger,
+                )
+            matrix_after_stage()
+
+            previous = base_path
+            for i, (name, task) in enumerate(tasks.items(), start=1):
+                # -------------------------------------------------------- train on task i
+                if not is_complete(layout.train(i, name)):
+                    model = model_at(previous)
+                    ctx = TrainContext(
+                        model=model,
+                        tokenizer=tok,
+                        method=cfg.method,
+                        rollout=cfg.rollout,
+                        autocast_dtype=amp,
+                        eos_ids=eos_ids(tok, model),
+                        seed=cfg.seed,
+                        stage=i,
+                        train_dir=layout.train(i, name),
+                        logger=logger,
+                        progress=cfg.logger.progress,
+                    )
+                    METHODS[cfg.method.name](ctx, task)
+                    loaded["path"] = str(layout.model(i, name))  # the in-memory student is that checkpoint
+                # -------------------------------------------------------- evaluate after task i
+                if not is_complete(layout.eval(i, name)):
+                    model = model_at(layout.model(i, name))
+                    run_eval_stage(
+                        layout.eval(i, name),
+                        i,
+                        name,
+                        model,
+                        tok,
+                        tasks,
+                        probes,
+                        cfg,
+                        eos_ids(tok, model),
+                        amp,
+                        logger,
+                    )
+                    matrix_after_stage()
+                previous = layout.model(i, name)
+            data = load_matrix(layout.root)
+        finally:
+            logger.close()
+    print(f"[sdft] run directory: {layout.root}", flush=True)
+    return data["metrics"]

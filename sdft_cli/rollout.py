@@ -1,0 +1,155 @@
+"""Rollout generation: the current student samples completions from the student context.
+
+``generate`` is batched (prompts are length-sorted into buckets and left-padded, so each bucket
+wastes little padding) and uses the KV cache of transformers ``generate``. The same function does
+greedy decoding for evaluation. Backends are picked by name from ``ROLLOUT_BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sdft_cli.models import autocast
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class Rollouts:
+    """Completions for a list of prompts, in the prompts' order.
+
+    ``completion_ids`` is right-padded with ``pad_id``; ``completion_mask`` is 1 on every generated
+    token up to and including the first EOS, 0 after it.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    truncated: list[bool]
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.completion_mask.sum(-1).tolist()
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask up to and including the first EOS; also return whether each row ended with no EOS."""
+    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
+    # number of EOS seen strictly before each position; a token counts while none has been seen
+    before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    mask = (before == 0).long()
+    truncated = ~is_eos.any(dim=-1)
+    return mask, truncated
+
+
+@torch.inference_mode()
+def generate_hf(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    eos_ids: list[int],
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+    limits: list[int] | None = None,
+) -> Rollouts:
+    """Sample (or greedily decode) one completion per prompt with transformers ``generate``.
+
+    ``limits`` caps each prompt's completion below ``sampling.max_new_tokens``, so prompts of tasks with
+    different lengths share one batched call; greedy results equal separate calls with those caps.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: dict[int, torch.Tensor] = {}
+    # A complete GenerationConfig, so nothing from the model's own generation_config.json (a top-k of
+    # 50, a repetition penalty) silently changes the distribution the student samples from.
+    from transformers import GenerationConfig
+
+    greedy = sampling.temperature == 0
+    gen = GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
+        top_k=None if greedy else sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), sampling.batch_size):
+        idx = order[start : start + sampling.batch_size]
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        with autocast(autocast_dtype, device):
+            seq = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
+            )
+        for row, i in enumerate(idx):
+            outs[i] = seq[row, ids.shape[1] :].cpu()
+        if progress is not None:
+            progress(len(idx))
+    model.train(was_training)
+    width = max(1, max(o.shape[0] for o in outs.values()))
+    completions = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, o in outs.items():
+        n = o.shape[0] if limits is None else min(o.shape[0], limits[i])
+        completions[i, :n] = o[:n]
+    cmask, truncated = completion_mask(completions, eos_ids)
+    completions = completions.masked_fill(cmask == 0, pad_id)
+    texts = tokenizer.batch_decode(
+        [c[: int(m.sum())] for c, m in zip(completions, cmask, strict=True)], skip_special_tokens=True
+    )
+    return Rollouts(prompts, completions, cmask, texts, truncated.tolist())
+
+
+def inference_copy(model, dtype: torch.dtype | None):
+    """The model generation runs on: the model itself, or a frozen copy in ``dtype``.
+
+    Decoding on a CPU reads every weight once per token, so bf16 weights decode ~1.6x faster than fp32
+    (2-core CPU, SmolLM2-135M, 8 x 48 tokens: 4.4-4.8 s vs 7.5 s). Like a vLLM engine, the copy's
+    weights are synced from the student after every optimizer step (``sync_weights``).
+    """
+    if dtype is None or dtype == next(model.parameters()).dtype:
+        return model
+    copy_ = copy.deepcopy(model).to(dtype)
+    copy_.requires_grad_(False)
+    copy_.eval()
+    return copy_
+
+
+@torch.no_grad()
+def sync_weights(engine, student) -> None:
+    """Copy the student's current weights into the inference copy (a no-op when they are the same model)."""
+    if engine is student:
+        return
+    torch._foreach_copy_(list(engine.parameters()), [p.detach() for p in student.parameters()])
+
+
+ROLLOUT_BACKENDS = {"hf": generate_hf}

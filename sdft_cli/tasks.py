@@ -1,0 +1,219 @@
+"""Tasks: loading rows through `datasets`, validating them, and rendering student and teacher contexts.
+
+A task row has a prompt, a demonstration (training rows) and a reference answer (test rows, read by the
+task's scorer). The student sees the prompt only; the teacher sees the prompt plus the demonstration
+inside a teacher template (paper Sec. 3). Both are rendered with the model's chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdft_cli.config import TaskConfig
+from sdft_cli.errors import ConfigError, DataError
+
+# The teacher context (paper Sec. 3). `paper` is the official code's string (leading/trailing newline,
+# period ending), `paper_printed` the text as printed in the paper, `nothink` drops "including the thinking
+# process", which makes small models ramble after the answer (shared measurements on SmolLM2-135M).
+TEACHER_TEMPLATES = {
+    "paper": (
+        "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    ),
+    "paper_printed": (
+        "{prompt}\n\nThis is an example for a response to the question:\n\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process:"
+    ),
+    "nothink": (
+        "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own."
+    ),
+}
+_PLACEHOLDER = re.compile(r"\{(prompt|demonstration)\}")
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int
+    prompt: str
+    demonstration: str | None
+    answer: str | None
+
+
+@dataclass
+class Task:
+    name: str
+    cfg: TaskConfig
+    train: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def resolve_teacher_template(method_template: str | None, task_template: str | None) -> str:
+    """The method's template when set (a command-line ablation applies to every task), else the task's,
+    else the official code's."""
+    return teacher_template(method_template or task_template or "paper")
+
+
+def teacher_template(name_or_text: str) -> str:
+    """A named template or a literal one; a literal must contain both placeholders."""
+    if name_or_text in TEACHER_TEMPLATES:
+        return TEACHER_TEMPLATES[name_or_text]
+    missing = [p for p in ("{prompt}", "{demonstration}") if p not in name_or_text]
+    if missing:
+        raise ConfigError(
+            f"method.teacher_template is neither a known name ({', '.join(TEACHER_TEMPLATES)}) "
+            f"nor a template containing {' and '.join(missing)}"
+        )
+    return name_or_text
+
+
+def fill_template(template: str, prompt: str, demonstration: str) -> str:
+    """Substitute in one pass, so braces inside prompts (JSON, code) are left alone."""
+    values = {"prompt": prompt, "demonstration": demonstration}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def student_messages(prompt: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def teacher_messages(prompt: str, demonstration: str, template: str, system: str | None) -> list[dict]:
+    return student_messages(fill_template(template, prompt, demonstration), system)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat context ending with the assistant generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # base models without a chat template: plain text, one block per message
+        text = "\n\n".join(m["content"] for m in messages) + "\n"
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def bundled_dir() -> Path:
+    return Path(str(importlib.resources.files("sdft_cli.data"))) / "tasks"
+
+
+def bundled_tasks() -> list[str]:
+    return sorted(p.name for p in bundled_dir().iterdir() if p.is_dir())
+
+
+def _split_file(cfg: TaskConfig, split: str, task: str) -> Path:
+    if cfg.source == "bundled":
+        path = bundled_dir() / cfg.path / f"{split}.jsonl"
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"task {task}: no bundled data set {cfg.path!r} (available: {', '.join(bundled_tasks())})"
+            )
+    elif "{split}" in cfg.path:
+        path = Path(cfg.path.replace("{split}", split)).expanduser()
+    else:
+        path = Path(cfg.path).expanduser() / f"{split}.{'jsonl' if cfg.source == 'json' else cfg.source}"
+    if not path.is_file():
+        raise DataError(f"task {task}: {split} split file not found: {path}")
+    return path
+
+
+def _load_rows(cfg: TaskConfig, split: str, task: str) -> tuple[list[dict], str]:
+    """Rows of one split as dicts, through `datasets` (the real loading path for local and hub data)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if cfg.source == "hf":
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.subset, split=split)
+        except Exception as e:  # network, missing split, bad name: one line naming the task
+            raise DataError(f"task {task}: cannot load {cfg.path!r} split {split!r}: {e}") from None
+        return ds.to_list(), f"{cfg.path}[{split}]"
+    path = _split_file(cfg, split, task)
+    builder = {"bundled": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[cfg.source]
+    try:
+        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    except Exception as e:
+        raise DataError(
+            f"task {task}: cannot read {path}: {str(e).splitlines()[0] if str(e) else e}"
+        ) from None
+    return ds.to_list(), str(path)
+
+
+def _text(row: dict, column: str, task: str, where: str, i: int, required: bool) -> str | None:
+    if column not in row:
+        if required:
+            raise DataError(f"task {task}: {where} row {i} has no column {column!r} (columns: {sorted(row)})")
+        return None
+    value = row[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise DataError(f"task {task}: {where} row {i} has an empty {column!r}")
+        return None
+    if isinstance(value, (dict, list)):
+        import json
+
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def load_task(name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None) -> Task:
+    """Load and validate a task. Training rows need a demonstration, test rows a reference answer."""
+    cols = cfg.columns
+    task = Task(name=name, cfg=cfg)
+    if train:
+        rows, where = _load_rows(cfg, cfg.train_split, name)
+        rows = rows[: cfg.max_train] if cfg.max_train else rows
+        if not rows:
+            raise DataError(f"task {name}: {where} has no rows")
+        task.train = [
+            Example(
+                index=i,
+                prompt=_text(r, cols.prompt, name, where, i, True),  # type: ignore[arg-type]
+                demonstration=_text(r, cols.demonstration, name, where, i, True),
+                answer=_text(r, cols.answer, name, where, i, False),
+            )
+            for i, r in enumerate(rows)
+        ]
+    rows, where = _load_rows(cfg, cfg.test_split, name)
+    limit = min(x for x in (cfg.max_test, max_test, len(rows)) if x is not None)
+    rows = rows[:limit]
+    if not rows:
+        raise DataError(f"task {name}: {where} has no rows")
+    task.test = [
+        Example(
+            index=i,
+            prompt=_text(r, cols.prompt, name, where, i, True),  # type: ignore[arg-type]
+            demonstration=_text(r, cols.demonstration, name, where, i, False),
+            answer=_text(r, cols.answer, name, where, i, True),
+        )
+        for i, r in enumerate(rows)
+    ]
+    return task
+
+
+def check_lengths(task: Task, tokenizer, context: int, max_new_tokens: int, template: str | None) -> None:
+    """Fail before any training if a prompt (student or teacher context) leaves no room for the answer."""
+    budget = context - max_new_tokens
+    system = task.cfg.system_prompt
+    for split, examples in (("train", task.train), ("test", task.test)):
+        for ex in examples:
+            n = len(encode_messages(tokenizer, student_messages(ex.prompt, system)))
+            if n > budget:
+                raise DataError(
+                    f"task {task.name}: {split} row {ex.index}: prompt is {n} tokens; the context of "
+                    f"{context} minus max_new_tokens {max_new_tokens} leaves {budget}"
+                )
+            if template is not None and split == "train":
+                msgs = teacher_messages(ex.prompt, ex.demonstration or "", template, system)
+                n = len(encode_messages(tokenizer, msgs))
+                if n > budget:
+                    raise DataError(
+                        f"task {task.name}: train row {ex.index}: teacher context is {n} tokens; the context "
+                        f"of {context} minus max_new_tokens {max_new_tokens} leaves {budget}"
+                    )

@@ -1,0 +1,90 @@
+"""Every config option composes and type-checks; wrong keys and values are one error naming the key."""
+
+import pytest
+
+from sdft_cli.config import (
+    GROUPS,
+    SDFTConfig,
+    SFTConfig,
+    compose,
+    conf_dir,
+    run_subdir,
+)
+from sdft_cli.errors import ConfigError
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    assert options, group
+    for opt in options:
+        override = f"task=[{opt}]" if group == "task" else f"{group}={opt}"
+        if group == "model" and opt == "hf":
+            override = [override, "model.path=/some/local/dir"]
+        cfg = compose(override if isinstance(override, list) else [override])
+        assert cfg.run_dir and cfg.task
+
+
+def test_method_option_selects_its_schema():
+    assert isinstance(compose([]).method, SDFTConfig)
+    assert isinstance(compose(["method=sft"]).method, SFTConfig)
+
+
+def test_default_is_the_embedded_run():
+    cfg = compose([])
+    assert list(cfg.task) == ["toolcall", "mcq", "facts"]
+    assert cfg.model.source == "smollm2" and cfg.method.divergence == "forward_kl"
+    assert cfg.method.skip_first_tokens == 3 and cfg.method.teacher == "ema" and cfg.method.ema_alpha == 0.01
+    assert set(cfg.eval.probes) == {"capitals", "opposites", "languages"}
+
+
+def test_task_sequence_order_is_the_command_line_order():
+    assert list(compose(["task=[facts,toolcall,mcq]"]).task) == ["facts", "toolcall", "mcq"]
+    assert list(compose(["task=[mcq,facts]"]).task) == ["mcq", "facts"]
+    assert list(compose(["task=facts"]).task) == ["facts"]
+
+
+def test_run_dir_is_stable_and_follows_overrides():
+    a = compose(["seed=1", "method=sft"]).run_dir
+    assert a == compose(["method=sft", "seed=1"]).run_dir or a.endswith("method=sft,seed=1")
+    assert compose([]).run_dir.endswith("default/default")
+    assert compose(["logger=wandb"]).run_dir == compose([]).run_dir  # logging does not change results
+
+
+def test_run_subdir_sanitises():
+    assert run_subdir("") == "default"
+    assert "/" not in run_subdir("model.path=/a/b")
+    assert len(run_subdir("x=" + "y" * 300)) <= 120
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["task=nonexistent"], "unknown task 'nonexistent' (available: facts, mcq, toolcall)"),
+        (["method=nope"], "unknown method 'nope'"),
+        (["method.optim.lr=-1"], "method.optim.lr must be > 0"),
+        (["method.divergence=jsd"], "method.divergence='jsd' is not one of"),
+        (["method.prompts_per_step=6", "method.micro_batch_size=4"], "must be a multiple of"),
+        (["method.lr_typo=1"], "lr_typo"),
+        (["seed=abc"], "seed"),
+        (["task=[]"], "task sequence is empty"),
+        (["task.facts.max_new_tokens=0"], "task.facts.max_new_tokens must be > 0"),
+        (["task.facts.source=ftp"], "task.facts.source='ftp'"),
+        (["model=hf"], "model.path must be set"),
+        (["method=sft", "method.teacher=ema"], "teacher"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        compose(override)
+    text = str(e.value)
+    assert message in text and "\n" not in text
+
+
+def test_reference_config_is_current():
+    """docs/reference_config.yaml is `sdft show` of the default (regenerate: make docs-config)."""
+    from conftest import REPO
+    from omegaconf import OmegaConf
+
+    current = OmegaConf.to_yaml(OmegaConf.structured(compose([])))
+    assert (REPO / "docs" / "reference_config.yaml").read_text() == current

@@ -1,0 +1,103 @@
+"""Task loading, validation errors that name the row, templates, and the bundled data."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, write_jsonl
+
+from sdft_cli.config import TaskConfig
+from sdft_cli.errors import ConfigError, DataError
+from sdft_cli.tasks import (
+    TEACHER_TEMPLATES,
+    Task,
+    bundled_tasks,
+    check_lengths,
+    fill_template,
+    load_task,
+    resolve_teacher_template,
+    teacher_messages,
+)
+
+
+def test_bundled_tasks_load_and_have_demonstrations():
+    assert {"facts", "mcq", "toolcall", "capitals", "opposites", "languages"} <= set(bundled_tasks())
+    for name in ("facts", "mcq", "toolcall"):
+        task = load_task(name, TaskConfig(source="bundled", path=name))
+        assert len(task.train) >= 30 and len(task.test) >= 30
+        assert all(ex.demonstration for ex in task.train) and all(ex.answer for ex in task.test)
+
+
+def test_bundled_data_is_reproducible():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_bundled_tasks.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout
+
+
+def test_local_json_task(copy_task_dir):
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir / "{split}.jsonl")))
+    assert [ex.prompt for ex in task.train][:2] == ["Repeat: apple", "Repeat: river"]
+    assert len(task.test) == 2 and task.test[0].answer == "maple"
+
+
+def test_csv_task_with_column_mapping(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text("q,demo,gold\nWhat is 1+1?,2,2\nWhat is 2+2?,4,4\n")
+    cfg = TaskConfig(source="csv", path=str(tmp_path))
+    cfg.columns.prompt, cfg.columns.demonstration, cfg.columns.answer = "q", "demo", "gold"
+    task = load_task("sums", cfg)
+    assert task.train[1].prompt == "What is 2+2?" and task.train[1].demonstration == "4"
+
+
+def test_row_without_demonstration_names_task_file_and_row(tmp_path):
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"prompt": "a", "demonstration": "x"}, {"prompt": "b", "demonstration": " "}],
+    )
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "a", "answer": "x"}])
+    with pytest.raises(DataError, match=r"task bad: .*train.jsonl row 1 has an empty 'demonstration'"):
+        load_task("bad", TaskConfig(source="json", path=str(tmp_path)))
+
+
+def test_missing_column_and_missing_file(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "a", "demonstration": "x"}])
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "a", "answer": "x"}])
+    with pytest.raises(DataError, match=r"row 0 has no column 'prompt'"):
+        load_task("bad", TaskConfig(source="json", path=str(tmp_path)))
+    with pytest.raises(DataError, match="test split file not found"):
+        load_task("gone", TaskConfig(source="json", path=str(tmp_path / "nothing")), train=False)
+    with pytest.raises(ConfigError, match="no bundled data set 'nope'"):
+        load_task("nope", TaskConfig(source="bundled", path="nope"))
+
+
+def test_prompt_longer_than_context_is_one_clear_error(tiny_model, copy_task_dir):
+    _, tok = tiny_model
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir)))
+    check_lengths(task, tok, context=1024, max_new_tokens=16, template=TEACHER_TEMPLATES["paper"])
+    with pytest.raises(DataError, match=r"task copy: train row 0: prompt is \d+ tokens; the context of 40"):
+        check_lengths(task, tok, context=40, max_new_tokens=16, template=None)
+    with pytest.raises(DataError, match=r"teacher context is \d+ tokens"):
+        # the student prompt fits, the teacher context (prompt + demonstration + template) does not
+        check_lengths(Task("copy", task.cfg, task.train[:1], []), tok, 100, 16, TEACHER_TEMPLATES["paper"])
+
+
+def test_templates_fill_without_touching_braces():
+    filled = fill_template(TEACHER_TEMPLATES["paper"], 'Return {"a": 1}', "{demonstration} stays")
+    assert 'Return {"a": 1}' in filled and "{demonstration} stays" in filled
+    assert filled.startswith("\n") and filled.endswith("including the thinking process.\n")
+    msgs = teacher_messages("Q?", "A.", TEACHER_TEMPLATES["nothink"], system="sys")
+    assert msgs[0] == {"role": "system", "content": "sys"} and msgs[1]["content"].endswith("of your own.")
+
+
+def test_teacher_template_precedence_and_validation():
+    assert resolve_teacher_template(None, None) == TEACHER_TEMPLATES["paper"]
+    assert resolve_teacher_template(None, "nothink") == TEACHER_TEMPLATES["nothink"]
+    assert resolve_teacher_template("paper_printed", "nothink") == TEACHER_TEMPLATES["paper_printed"]
+    assert (
+        resolve_teacher_template("Q: {prompt} A: {demonstration}", None) == "Q: {prompt} A: {demonstration}"
+    )
+    with pytest.raises(ConfigError, match=r"teacher_template .* \{demonstration\}"):
+        resolve_teacher_template("only {prompt}", None)
