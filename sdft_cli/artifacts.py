@@ -102,6 +102,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):  # durable contents before the rename makes them visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     old = path.with_name(f".{path.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -124,12 +128,20 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_manifest(stage_dir: str | Path, info: dict | None = None, checksums: bool = True) -> Path:
-    """Mark ``stage_dir`` complete: list its files (size, sha256) and write ``manifest.json`` last."""
+def write_manifest(
+    stage_dir: str | Path, info: dict | None = None, checksums: bool = True, exclude: tuple[str, ...] = ()
+) -> Path:
+    """Mark ``stage_dir`` complete: list its files (size, sha256) and write ``manifest.json`` last.
+
+    Hidden paths and the top-level entries named in ``exclude`` are not part of the stage.
+    """
     stage_dir = Path(stage_dir)
     files = {}
     for p in sorted(stage_dir.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+        rel_parts = p.relative_to(stage_dir).parts
+        if rel_parts[0] in exclude or any(part.startswith(".") for part in rel_parts):
+            continue
+        if p.is_file() and p.name != MANIFEST:
             rel = p.relative_to(stage_dir).as_posix()
             files[rel] = {"bytes": p.stat().st_size, **({"sha256": sha256_file(p)} if checksums else {})}
     manifest = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {}), "files": files}

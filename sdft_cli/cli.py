@@ -40,18 +40,11 @@ _HYDRA_VALUE_FLAGS = {
 }
 # Options that need a value from the user; `validate` supplies a placeholder.
 REQUIRED_WITH = {"model=hf": ["model.path=example-org/example-model"]}
-_HYDRA_INSPECT_FLAGS = {
-    "--cfg",
-    "-c",
-    "--info",
-    "-i",
-    "--hydra-help",
-    "--help",
-    "-h",
-    "--resolve",
-    "--shell-completion",
-    "-sc",
-    "--version",
+# With these Hydra only prints something, or composes another config tree: no pre-check.
+_HYDRA_SKIP_PREFLIGHT = {
+    *("--cfg", "-c", "--info", "-i", "--hydra-help", "--help", "-h", "--resolve", "--version"),
+    *("--shell-completion", "-sc", "--experimental-rerun"),
+    *("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"),
 }
 
 
@@ -117,7 +110,7 @@ def run(ctx: typer.Context) -> None:
       sdft run method=sft                        # the SFT baseline through the same loop
       sdft run 'task=[facts,mcq]' seed=1         # a curriculum (order = training order)
       sdft run -m method=sdft,sft seed=0,1,2     # a sweep (Hydra multirun)
-      sdft run -m hydra/launcher=slurm ...       # the same sweep on Slurm
+      sdft run -m hydra/launcher=submitit_slurm  # the same sweep on Slurm
       sdft run --cfg job                         # print the job config and exit
     Re-running the same command resumes the run in runs/<name>/<overrides>.
     Hydra's own help: sdft run --hydra-help. Config reference: sdft show, sdft ls.
@@ -127,7 +120,7 @@ def run(ctx: typer.Context) -> None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
     overrides, flags = split_args(args)
-    if not flags & _HYDRA_INSPECT_FLAGS:
+    if not flags & _HYDRA_SKIP_PREFLIGHT:
         try:
             preflight(overrides)
         except SdftError as e:

@@ -77,8 +77,11 @@ class OptimConfig:
         _positive("method.optim.lr", self.lr)
         _nonneg("method.optim.warmup_steps", self.warmup_steps)
         _choice("method.optim.schedule", self.schedule, ("cosine", "constant", "linear"))
-        if len(self.betas) != 2:
-            raise ConfigError(f"method.optim.betas must have two values, got {self.betas}")
+        _positive("method.optim.max_grad_norm", self.max_grad_norm)
+        _positive("method.optim.eps", self.eps)
+        _nonneg("method.optim.weight_decay", self.weight_decay)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"method.optim.betas must be two values in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -228,7 +231,10 @@ class TaskConfig:
 
     def check(self, key: str) -> None:
         """Value checks; ``key`` is this task's full config key (``task.facts``, ``eval.probes.capitals``)."""
+        from sdft_cli.scorers import SCORERS
+
         _choice(f"{key}.source", self.source, ("bundled", "json", "csv", "parquet", "hf"))
+        _choice(f"{key}.scorer", self.scorer, tuple(SCORERS))
         _positive(f"{key}.max_new_tokens", self.max_new_tokens)
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:

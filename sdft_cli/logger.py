@@ -39,6 +39,21 @@ class Timer:
         return out
 
 
+class TokenMeans:
+    """Token means of per-token statistics over a whole optimizer step (all its micro-batches)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, values, mask) -> None:
+        self.sums[name] += float((values * mask).sum())
+        self.counts[name] += float(mask.sum())
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] if self.counts[k] else 0.0 for k in self.sums}
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")

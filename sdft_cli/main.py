@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sdft_cli.config import register_configs, register_resolvers, to_config
@@ -28,6 +30,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         metrics = pipeline.run(to_config(cfg))
     except SdftError as e:
         print(f"sdft: error: {e}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher records this job as failed and goes on with the others
         sys.exit(2)
     # the value a Hydra sweeper optimises: the final average accuracy over the curriculum
     acc = metrics.get("acc")

@@ -208,10 +208,22 @@ def context_length(model, cfg: ModelConfig) -> int:
     return int(cfg.max_context or getattr(model.config, "max_position_embeddings", 2048))
 
 
-def eos_ids(tokenizer, model) -> list[int]:
-    """Every token id that ends a completion (the tokenizer's EOS plus the generation config's)."""
+def generation_config(path: Path | str):
+    """The model directory's generation config, or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def eos_ids(tokenizer, config) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS plus the generation config's
+    (``config`` is a GenerationConfig, a model carrying one, or None)."""
     ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = getattr(config, "generation_config", config)
+    gen_eos = getattr(config, "eos_token_id", None)
     if isinstance(gen_eos, int):
         ids.add(gen_eos)
     elif gen_eos:

@@ -12,18 +12,24 @@ import torch
 import torch.nn.functional as F
 
 
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log p - log q), with 0 * log 0 = 0 (models that mask vocabulary rows with -inf logits)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_T || p_S) = sum_v p_T (log p_T - log p_S) per position; gradient flows to the student only."""
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1).detach()
-    return (log_t.exp() * (log_t - log_s)).sum(-1)
+    return _kl(log_t, log_s)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_S || p_T) = sum_v p_S (log p_S - log p_T) per position (the divergence in the paper's text)."""
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1).detach()
-    return (log_s.exp() * (log_s - log_t)).sum(-1)
+    return _kl(log_s, log_t)
 
 
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}
@@ -37,7 +43,8 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
 
 def loss_mask(completion_mask: torch.Tensor, skip_first: int) -> torch.Tensor:
@@ -61,9 +68,3 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer
     if mode == "token_mean":
         return masked.sum() / max(normalizer, 1.0)
     raise ValueError(f"unknown aggregation {mode!r}")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of ``values`` over ``mask`` (a logging statistic; 0 when the mask is empty)."""
-    total = mask.sum()
-    return float((values * mask).sum() / total) if total > 0 else 0.0

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import platform
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ from sdft_cli.methods.context import TrainContext
 from sdft_cli.models import (
     autocast_dtype,
     eos_ids,
+    generation_config,
     inference_dtype,
     load_model,
     load_tokenizer,
@@ -51,17 +54,9 @@ from sdft_cli.report import load_matrix, print_matrix, write_matrix
 from sdft_cli.rollout import inference_copy
 from sdft_cli.tasks import Task, check_lengths, load_task, resolve_teacher_template
 
-# Keys that do not change results: a run may be resumed with different values for them.
-VOLATILE_KEYS = (
-    "run_dir",
-    "runs_root",
-    "name",
-    "device",
-    "threads",
-    "logger",
-    "eval.batch_size",
-    "rollout.batch_size",
-)
+# Keys that do not change results: a run may be resumed with different values for them. (Batch sizes
+# of generation do: they change how a step's random stream maps to samples, and bf16 padding numerics.)
+VOLATILE_KEYS = ("run_dir", "runs_root", "name", "device", "threads", "logger")
 PACKAGES = (
     "sdft-cli",
     "torch",
@@ -158,62 +153,89 @@ def write_provenance(layout: RunLayout) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
-def run_eval_stage(
-    out_dir: Path,
-    stage: int,
-    stage_task: str,
-    model,
-    tok,
-    tasks: dict[str, Task],
-    probes: dict[str, Task],
-    cfg: Config,
-    eos: list[int],
-    amp,
-    logger: RunLogger,
-) -> None:
-    """Evaluate every task and probe; write predictions, ``results.json`` and the manifest (last)."""
-    logger.rewind_eval(stage)
-    cells = []
-    total = sum(len(t.test) for t in (*tasks.values(), *probes.values()))
-    bar = tqdm(total=total, desc=f"eval stage {stage}", disable=not cfg.logger.progress, leave=False)
-    t0 = time.perf_counter()
-    engine = inference_copy(model, inference_dtype(cfg.eval.dtype, amp))
-    kinds = {**{n: "trained" for n in tasks}, **{n: "prior" for n in probes}}
-    every = [*tasks.values(), *probes.values()]
-    for res in evaluate_many(engine, tok, every, eos, cfg.eval.batch_size, amp, progress=bar.update):
-        write_jsonl(out_dir / "predictions" / f"{res.task}.jsonl", res.predictions)
-        cells.append(
+@dataclass
+class Run:
+    """What every stage of one run shares; built once by ``run`` after all inputs are checked."""
+
+    cfg: Config
+    layout: RunLayout
+    tokenizer: object
+    tasks: dict[str, Task]
+    probes: dict[str, Task]
+    eos: list[int]
+    amp: torch.dtype | None
+    logger: RunLogger
+
+    def train_stage(self, index: int, name: str, model) -> None:
+        """Train on task ``index``; the method writes checkpoints, the final model and the manifest."""
+        ctx = TrainContext(
+            model=model,
+            tokenizer=self.tokenizer,
+            method=self.cfg.method,
+            rollout=self.cfg.rollout,
+            autocast_dtype=self.amp,
+            eos_ids=self.eos,
+            seed=self.cfg.seed,
+            stage=index,
+            train_dir=self.layout.train(index, name),
+            logger=self.logger,
+            progress=self.cfg.logger.progress,
+        )
+        METHODS[self.cfg.method.name](ctx, self.tasks[name])
+
+    def eval_stage(self, out_dir: Path, stage: int, stage_task: str, model) -> None:
+        """Evaluate every task and probe; write predictions, ``results.json`` and the manifest (last)."""
+        self.logger.rewind_eval(stage)
+        every = [*self.tasks.values(), *self.probes.values()]
+        kinds = {**{n: "trained" for n in self.tasks}, **{n: "prior" for n in self.probes}}
+        bar = tqdm(
+            total=sum(len(t.test) for t in every),
+            desc=f"eval stage {stage}",
+            leave=False,
+            disable=not self.cfg.logger.progress,
+        )
+        t0 = time.perf_counter()
+        engine = inference_copy(model, inference_dtype(self.cfg.eval.dtype, self.amp))
+        results = evaluate_many(
+            engine, self.tokenizer, every, self.eos, self.cfg.eval.batch_size, self.amp, progress=bar.update
+        )
+        bar.close()
+        cells = []
+        for res in results:
+            write_jsonl(out_dir / "predictions" / f"{res.task}.jsonl", res.predictions)
+            cells.append(
+                {
+                    "stage": stage,
+                    "stage_task": stage_task,
+                    "eval_task": res.task,
+                    "kind": kinds[res.task],
+                    "metric": res.metric,
+                    "value": res.value,
+                    "n": res.n,
+                    "stderr": res.stderr,
+                }
+            )
+        atomic_write_json(out_dir / "results.json", cells)
+        self.logger.log(
             {
                 "stage": stage,
-                "stage_task": stage_task,
-                "eval_task": res.task,
-                "kind": kinds[res.task],
-                "metric": res.metric,
-                "value": res.value,
-                "n": res.n,
-                "stderr": res.stderr,
+                "event": "eval",
+                "time/eval": round(time.perf_counter() - t0, 3),
+                **{f"eval/{c['eval_task']}/{c['metric']}": c["value"] for c in cells},
             }
         )
-    bar.close()
-    atomic_write_json(out_dir / "results.json", cells)
-    logger.log(
-        {
-            "stage": stage,
-            "event": "eval",
-            "time/eval": round(time.perf_counter() - t0, 3),
-            **{f"eval/{c['eval_task']}/{c['metric']}": c["value"] for c in cells},
-        }
-    )
-    write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})
+        write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})
 
-
-def collect_cells(layout: RunLayout, names: list[str]) -> list[dict]:
-    dirs = [layout.base_eval()] + [layout.eval(i, n) for i, n in enumerate(names, 1)]
-    cells: list[dict] = []
-    for d in dirs:
-        if is_complete(d):
-            cells.extend(read_json(d / "results.json"))
-    return cells
+    def write_matrix(self, meta: dict) -> dict:
+        """Rebuild the matrix from every complete evaluation stage, write it, print it, log it."""
+        names = list(self.tasks)
+        dirs = [self.layout.base_eval()] + [self.layout.eval(i, n) for i, n in enumerate(names, 1)]
+        cells = [c for d in dirs if is_complete(d) for c in read_json(d / "results.json")]
+        write_matrix(self.layout.root, cells, names, list(self.probes), meta)
+        data = load_matrix(self.layout.root)
+        print_matrix(data)
+        self.logger.log_matrix(data, self.layout.matrix("png"))
+        return data
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -221,6 +243,7 @@ def collect_cells(layout: RunLayout, names: list[str]) -> list[dict]:
 
 def run(cfg: Config) -> dict:
     """Run (or resume) the whole continual-learning sequence of ``cfg``; returns the final metrics."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars; our own bars show the stages
@@ -238,8 +261,7 @@ def run(cfg: Config) -> dict:
         # ---------------------------------------------------------------- inputs, checked before any work
         base_path = resolve_model_dir(cfg.model)
         tok = load_tokenizer(base_path)
-        from transformers import AutoConfig
-
+        eos = eos_ids(tok, generation_config(base_path))
         context = cfg.model.max_context or int(
             getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 2048)
         )
@@ -254,11 +276,13 @@ def run(cfg: Config) -> dict:
                 if sdft
                 else None
             )
-            check_lengths(task, tok, context, cfg.rollout.max_new_tokens or task.cfg.max_new_tokens, template)
+            rollout_tokens = cfg.rollout.max_new_tokens or task.cfg.max_new_tokens
+            check_lengths(task, tok, context, rollout_tokens, template, None if sdft else eos)
         for probe in probes.values():
-            check_lengths(probe, tok, context, probe.cfg.max_new_tokens, None)
+            check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
 
-        names = list(tasks)
+        logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
+        state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger)
         meta = {
             "method": cfg.method.name,
             "seed": cfg.seed,
@@ -266,8 +290,7 @@ def run(cfg: Config) -> dict:
             "eval_dtype": str(inference_dtype(cfg.eval.dtype, amp) or cfg.model.dtype).removeprefix("torch."),
             "title": f"{cfg.method.name} · {cfg.model.name} · seed {cfg.seed}",
         }
-        logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
-        loaded: dict[str, object] = {"path": None, "model": None}
+        loaded: dict = {"path": None, "model": None}
 
         def model_at(path) -> torch.nn.Module:
             """The student at ``path``; reuses the in-memory model when it already holds those weights."""
@@ -275,72 +298,27 @@ def run(cfg: Config) -> dict:
                 loaded["model"] = None
                 loaded["model"] = load_model(path, cfg.model.dtype, device)
                 loaded["path"] = str(path)
-            return loaded["model"]  # type: ignore[return-value]
-
-        def matrix_after_stage() -> None:
-            write_matrix(layout.root, collect_cells(layout, names), names, list(probes), meta)
-            data = load_matrix(layout.root)
-            print_matrix(data)
-            logger.log_matrix(data, layout.matrix("png"))
+            return loaded["model"]
 
         try:
             # ------------------------------------------------------------ row 0: the base model
             if not is_complete(layout.base_eval()):
-                model = model_at(base_path)
-                run_eval_stage(
-                    layout.base_eval(),
-                    0,
-                    "base",
-                    model,
-                    tok,
-                    tasks,
-                    probes,
-                    cfg,
-                    eos_ids(tok, model),
-                    amp,
-                    logger,
-                )
-            matrix_after_stage()
+                state.eval_stage(layout.base_eval(), 0, "base", model_at(base_path))
+            data = state.write_matrix(meta)
 
             previous = base_path
-            for i, (name, task) in enumerate(tasks.items(), start=1):
+            for i, name in enumerate(tasks, start=1):
                 # -------------------------------------------------------- train on task i
                 if not is_complete(layout.train(i, name)):
-                    model = model_at(previous)
-                    ctx = TrainContext(
-                        model=model,
-                        tokenizer=tok,
-                        method=cfg.method,
-                        rollout=cfg.rollout,
-                        autocast_dtype=amp,
-                        eos_ids=eos_ids(tok, model),
-                        seed=cfg.seed,
-                        stage=i,
-                        train_dir=layout.train(i, name),
-                        logger=logger,
-                        progress=cfg.logger.progress,
-                    )
-                    METHODS[cfg.method.name](ctx, task)
+                    state.train_stage(i, name, model_at(previous))
                     loaded["path"] = str(layout.model(i, name))  # the in-memory student is that checkpoint
+                # a crash while the finished stage dropped its checkpoints leaves them behind
+                shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)
                 # -------------------------------------------------------- evaluate after task i
                 if not is_complete(layout.eval(i, name)):
-                    model = model_at(layout.model(i, name))
-                    run_eval_stage(
-                        layout.eval(i, name),
-                        i,
-                        name,
-                        model,
-                        tok,
-                        tasks,
-                        probes,
-                        cfg,
-                        eos_ids(tok, model),
-                        amp,
-                        logger,
-                    )
-                    matrix_after_stage()
+                    state.eval_stage(layout.eval(i, name), i, name, model_at(layout.model(i, name)))
+                    data = state.write_matrix(meta)
                 previous = layout.model(i, name)
-            data = load_matrix(layout.root)
         finally:
             logger.close()
     print(f"[sdft] run directory: {layout.root}", flush=True)

@@ -57,12 +57,21 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask up to and including the first EOS; also return whether each row ended with no EOS."""
-    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
+def completion_mask(
+    completions: torch.Tensor, eos_ids: list[int], lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask up to and including the first EOS within each row's ``lengths`` (default: the full width).
+
+    Also returns, per row, whether it ended without an EOS (cut by its length cap).
+    """
+    width = completions.shape[-1]
+    valid = torch.ones_like(completions, dtype=torch.bool)
+    if lengths is not None:
+        valid = torch.arange(width, device=completions.device) < lengths.unsqueeze(-1)
+    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device)) & valid
     # number of EOS seen strictly before each position; a token counts while none has been seen
     before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
-    mask = (before == 0).long()
+    mask = ((before == 0) & valid).long()
     truncated = ~is_eos.any(dim=-1)
     return mask, truncated
 
@@ -87,8 +96,6 @@ def generate_hf(
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, torch.Tensor] = {}
-    # A complete GenerationConfig, so nothing from the model's own generation_config.json (a top-k of
-    # 50, a repetition penalty) silently changes the distribution the student samples from.
     from transformers import GenerationConfig
 
     greedy = sampling.temperature == 0
@@ -102,26 +109,37 @@ def generate_hf(
         pad_token_id=pad_id,
         use_cache=True,
     )
-    was_training = model.training
+    # generate() fills every unset field from the model's own generation_config (Qwen ships a
+    # repetition_penalty of 1.05, many models a top-k of 50); a bare one during the call makes it sample
+    # from exactly the configured distribution.
+    was_training, saved_config = model.training, model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=saved_config.bos_token_id, eos_token_id=eos_ids, pad_token_id=pad_id
+    )
     model.eval()
-    for start in range(0, len(order), sampling.batch_size):
-        idx = order[start : start + sampling.batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
-        with autocast(autocast_dtype, device):
-            seq = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
-            )
-        for row, i in enumerate(idx):
-            outs[i] = seq[row, ids.shape[1] :].cpu()
-        if progress is not None:
-            progress(len(idx))
-    model.train(was_training)
+    try:
+        for start in range(0, len(order), sampling.batch_size):
+            idx = order[start : start + sampling.batch_size]
+            ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+            with autocast(autocast_dtype, device):
+                seq = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
+                )
+            for row, i in enumerate(idx):
+                outs[i] = seq[row, ids.shape[1] :].cpu()
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+        model.generation_config = saved_config
     width = max(1, max(o.shape[0] for o in outs.values()))
     completions = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    lengths = torch.zeros(len(prompts), dtype=torch.long)
     for i, o in outs.items():
         n = o.shape[0] if limits is None else min(o.shape[0], limits[i])
         completions[i, :n] = o[:n]
-    cmask, truncated = completion_mask(completions, eos_ids)
+        lengths[i] = n
+    cmask, truncated = completion_mask(completions, eos_ids, lengths)
     completions = completions.masked_fill(cmask == 0, pad_id)
     texts = tokenizer.batch_decode(
         [c[: int(m.sum())] for c, m in zip(completions, cmask, strict=True)], skip_special_tokens=True

@@ -197,23 +197,73 @@ def load_task(name: str, cfg: TaskConfig, train: bool = True, max_test: int | No
     return task
 
 
-def check_lengths(task: Task, tokenizer, context: int, max_new_tokens: int, template: str | None) -> None:
-    """Fail before any training if a prompt (student or teacher context) leaves no room for the answer."""
-    budget = context - max_new_tokens
+def encode_target(tokenizer, messages: list[dict], demonstration: str, eos_ids: list[int]) -> list[int]:
+    """The demonstration as the assistant's turn, as the chat template renders it, up to its end-of-turn.
+
+    Rendering the whole conversation (not ``demonstration + eos``) trains the ending the template really
+    produces, e.g. Gemma's ``<end_of_turn>`` rather than its tokenizer's ``<eos>``.
+    """
+    prompt = encode_messages(tokenizer, messages)
+    if getattr(tokenizer, "chat_template", None):
+        turn = [*messages, {"role": "assistant", "content": demonstration}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+        full = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if full[: len(prompt)] == prompt:
+            target = full[len(prompt) :]
+            end = next((i for i, t in enumerate(target) if t in eos_ids), None)
+            if end is not None:
+                return target[: end + 1]
+    return list(tokenizer(demonstration, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+def check_lengths(
+    task: Task,
+    tokenizer,
+    context: int,
+    rollout_tokens: int,
+    template: str | None = None,
+    target_eos: list[int] | None = None,
+) -> None:
+    """Fail before any work if a context leaves no room for its completion.
+
+    Training rows: the student prompt (and with ``template`` the teacher context) plus ``rollout_tokens``;
+    with ``target_eos`` (SFT) the prompt plus the demonstration. Test rows: the prompt plus the task's
+    ``max_new_tokens``.
+    """
     system = task.cfg.system_prompt
-    for split, examples in (("train", task.train), ("test", task.test)):
-        for ex in examples:
-            n = len(encode_messages(tokenizer, student_messages(ex.prompt, system)))
-            if n > budget:
-                raise DataError(
-                    f"task {task.name}: {split} row {ex.index}: prompt is {n} tokens; the context of "
-                    f"{context} minus max_new_tokens {max_new_tokens} leaves {budget}"
+
+    def fail(split: str, ex: Example, what: str, n: int, room: int, why: str) -> None:
+        raise DataError(
+            f"task {task.name}: {split} row {ex.index}: {what} is {n} tokens; the context of {context} "
+            f"minus {why} leaves {room}"
+        )
+
+    for ex in task.train:
+        msgs = student_messages(ex.prompt, system)
+        n = len(encode_messages(tokenizer, msgs))
+        if n > context - rollout_tokens:
+            fail("train", ex, "prompt", n, context - rollout_tokens, f"max_new_tokens {rollout_tokens}")
+        if template is not None:
+            t = len(
+                encode_messages(
+                    tokenizer, teacher_messages(ex.prompt, ex.demonstration or "", template, system)
                 )
-            if template is not None and split == "train":
-                msgs = teacher_messages(ex.prompt, ex.demonstration or "", template, system)
-                n = len(encode_messages(tokenizer, msgs))
-                if n > budget:
-                    raise DataError(
-                        f"task {task.name}: train row {ex.index}: teacher context is {n} tokens; the context "
-                        f"of {context} minus max_new_tokens {max_new_tokens} leaves {budget}"
-                    )
+            )
+            if t > context - rollout_tokens:
+                fail(
+                    "train",
+                    ex,
+                    "teacher context",
+                    t,
+                    context - rollout_tokens,
+                    f"max_new_tokens {rollout_tokens}",
+                )
+        if target_eos is not None:
+            d = len(encode_target(tokenizer, msgs, ex.demonstration or "", target_eos))
+            if n + d > context:
+                fail("train", ex, "prompt + demonstration", n + d, context, "nothing")
+    for ex in task.test:
+        n = len(encode_messages(tokenizer, student_messages(ex.prompt, system)))
+        if n > context - task.cfg.max_new_tokens:
+            room = context - task.cfg.max_new_tokens
+            fail("test", ex, "prompt", n, room, f"max_new_tokens {task.cfg.max_new_tokens}")

@@ -30,7 +30,7 @@ def steps_per_task(cfg: MethodConfig, n_train: int) -> int:
     return max(1, min(steps, cfg.max_steps) if cfg.max_steps else steps)
 
 
-def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+def batch_indices(n: int, batch: int, step: int, seed: int | tuple[int, ...]) -> list[int]:
     """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch.
 
     A pure function of its arguments, so a resumed run sees exactly the batches it would have seen.
@@ -39,7 +39,8 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     start = step * batch
     while len(out) < batch:
         epoch, offset = divmod(start + len(out), n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        key = list(seed) if isinstance(seed, tuple) else [seed]
+        perm = np.random.default_rng([*key, epoch]).permutation(n)
         out.extend(int(i) for i in perm[offset : offset + batch - len(out)])
     return out
 
@@ -96,8 +97,17 @@ class Teacher:
         )
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.kind != "live":
-            self.model.load_state_dict(state, strict=False)
+        """Restore the teacher; only tied aliases (saved once, under their twin's name) may be absent."""
+        if self.kind == "live":
+            return
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        own = self.model.state_dict()
+        present = {own[k].data_ptr() for k in state if k in own}
+        untied = [k for k in missing if own[k].data_ptr() not in present]
+        if unexpected or untied:
+            raise RuntimeError(
+                f"teacher checkpoint does not match the model: missing {untied}, unexpected {unexpected}"
+            )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -172,8 +182,10 @@ def load_checkpoint(path: Path, student, teacher: Teacher, opt, sched) -> TrainS
 
 
 def prune_checkpoints(root: Path, keep: Path | None) -> None:
+    """Delete checkpoints but ``keep``; the manifest goes first, so a half-deleted one is never used."""
     for p in root.glob("step_*"):
         if p != keep:
+            (p / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -182,8 +194,11 @@ def save_final(train_dir: Path, student, tokenizer, info: dict) -> Path:
     with atomic_dir(train_dir / "model") as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    # complete first, then drop the checkpoints: a crash in between leaves only garbage, never a state
+    # that a re-run would misread
+    write_manifest(train_dir, info, exclude=("checkpoints",))
+    prune_checkpoints(train_dir / "checkpoints", keep=None)
     shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
-    write_manifest(train_dir, info)
     return train_dir / "model"
 
 

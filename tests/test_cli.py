@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_jsonl
 
 SDFT = [sys.executable, "-m", "sdft_cli.cli"]
@@ -28,6 +29,11 @@ def sdft(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subpr
 
 def manifests(run: Path) -> dict[str, float]:
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.glob("t*/*/manifest.json")}
+
+
+def step_losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "step" in r]
 
 
 def step_records(run: Path) -> list[tuple[int, int]]:
@@ -102,6 +108,17 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     assert manifests(run)["t00_base/eval/manifest.json"] == base  # the base evaluation was not redone
     assert [s for st, s in step_records(run) if st == 1] == list(range(1, 41))  # every step exactly once
     assert json.loads((run / "matrix.json").read_text())["rows"] == ["base", "1:facts"]
+    assert not (run / "t01_facts" / "train" / "checkpoints").exists()
+
+    # the resumed run is exactly the uninterrupted one: same losses at every step, same final weights
+    ref = tmp_path / "reference"
+    sdft("run", *args, f"run_dir={ref}", cwd=tmp_path)
+    assert step_losses(run) == step_losses(ref)
+    from safetensors.torch import load_file
+
+    a = load_file(str(run / "t01_facts" / "train" / "model" / "model.safetensors"))
+    b = load_file(str(ref / "t01_facts" / "train" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_multirun_sweep_gets_one_directory_per_job(tmp_path, tiny_model_dir):

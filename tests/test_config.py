@@ -72,6 +72,10 @@ def test_run_subdir_sanitises():
         (["task.facts.source=ftp"], "task.facts.source='ftp'"),
         (["model=hf"], "model.path must be set"),
         (["method=sft", "method.teacher=ema"], "teacher"),
+        (["method.optim.max_grad_norm=0"], "method.optim.max_grad_norm must be > 0"),
+        (["method.optim.betas=[0.9,1.5]"], "method.optim.betas must be two values in [0, 1)"),
+        (["task.facts.scorer=bleu"], "task.facts.scorer='bleu' is not one of"),
+        (["eval.probes.capitals.scorer=bleu"], "eval.probes.capitals.scorer='bleu'"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(override, message):

@@ -13,23 +13,57 @@ def test_completion_mask_stops_after_first_eos():
     assert truncated.tolist() == [False, True, False]
 
 
+def test_completion_mask_with_length_caps_ignores_padding_that_looks_like_eos():
+    """pad == eos: a row cut by its cap must not read its padding as an EOS."""
+    comp = torch.tensor([[5, 6, 7, 2, 2], [5, 2, 7, 8, 9], [5, 6, 7, 8, 9]])
+    mask, truncated = completion_mask(comp, [2], torch.tensor([3, 5, 4]))
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert truncated.tolist() == [True, False, True]
+
+
 def test_left_pad():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_greedy_batch_equals_one_by_one(tiny_model):
-    """Left padding and position ids must not change what a prompt generates."""
+    """Left padding and position ids must not change what a prompt generates, nor where it stops."""
     model, tok = tiny_model
     prompts = [tok(t)["input_ids"] for t in ("hi", "a much longer prompt here", "mid length")]
     s = Sampling(max_new_tokens=12, temperature=0.0, batch_size=8)
-    batched = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    # make the third token the first prompt generates an end token, so early stops are exercised
+    probe = generate_hf(model, tok, prompts[:1], s, [tok.eos_token_id])
+    eos = [tok.eos_token_id, int(probe.completion_ids[0, 2])]
+    batched = generate_hf(model, tok, prompts, s, eos)
+    assert not batched.truncated[0] and int(batched.completion_mask[0].sum()) <= 3
     for i, p in enumerate(prompts):
-        alone = generate_hf(model, tok, [p], s, [tok.eos_token_id])
+        alone = generate_hf(model, tok, [p], s, eos)
         n = int(alone.completion_mask[0].sum())
         assert batched.completion_ids[i, :n].tolist() == alone.completion_ids[0, :n].tolist()
         assert int(batched.completion_mask[i].sum()) == n
-    assert batched.completion_ids.shape[0] == 3 and len(batched.texts) == 3
+        assert batched.truncated[i] == alone.truncated[0] and batched.texts[i] == alone.texts[0]
+
+
+def test_the_models_generation_config_does_not_leak_into_sampling(tiny_model):
+    """A repetition penalty in the model's generation_config.json must not change what is generated."""
+    model, tok = tiny_model
+    prompts = [tok("the the the the")["input_ids"]]
+    s = Sampling(max_new_tokens=10, temperature=0.0)
+    plain = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    model.generation_config.repetition_penalty = 100.0
+    model.generation_config.no_repeat_ngram_size = 1
+    try:
+        assert torch.equal(
+            generate_hf(model, tok, prompts, s, [tok.eos_token_id]).completion_ids, plain.completion_ids
+        )
+        reference = model.generate(input_ids=torch.tensor(prompts), max_new_tokens=10, do_sample=False)
+        assert (
+            reference[0, len(prompts[0]) :].tolist() != plain.completion_ids[0].tolist()
+        )  # the penalty bites
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.no_repeat_ngram_size = 0
+    assert model.generation_config.repetition_penalty == 1.0
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model):
@@ -54,15 +88,14 @@ def test_completion_logits_equal_an_unpadded_forward(tiny_model):
     for i, c in enumerate(comps):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
-    model.eval()
+    got = completion_logits(model, contexts, ids, mask, tok.pad_token_id)
+    assert got.requires_grad  # the student's logits carry gradients, the teacher's do not
+    assert not teacher_score(model, contexts, ids, mask, tok.pad_token_id).requires_grad
     with torch.no_grad():
-        got = completion_logits(model, contexts, ids, mask, tok.pad_token_id)
-        scored = teacher_score(model, contexts, ids, mask, tok.pad_token_id)
         for i, (ctx, c) in enumerate(zip(contexts, comps, strict=True)):
             full = model(input_ids=torch.tensor([ctx + c])).logits[0]
             want = full[len(ctx) - 1 : len(ctx) - 1 + len(c)]
             assert torch.allclose(got[i, : len(c)], want, atol=1e-4)
-    assert torch.equal(got, scored)
     assert got.shape == (2, width, model.config.vocab_size)
 
 
@@ -83,6 +116,7 @@ def test_pooled_evaluation_equals_per_task_evaluation(tiny_model, copy_task_dir)
     for task, res in zip((short, long), pooled, strict=True):
         alone = evaluate(model, tok, task, [tok.eos_token_id], batch_size=1)
         assert [p["prediction"] for p in res.predictions] == [p["prediction"] for p in alone.predictions]
+        assert [p["truncated"] for p in res.predictions] == [p["truncated"] for p in alone.predictions]
         assert res.value == alone.value and res.n == 2
     # the caps differ, so the pooled pass really truncated the short task
     assert len(pooled[0].predictions[0]["prediction"]) < len(pooled[1].predictions[0]["prediction"])

@@ -13,6 +13,7 @@ from sdft_cli.tasks import (
     Task,
     bundled_tasks,
     check_lengths,
+    encode_target,
     fill_template,
     load_task,
     resolve_teacher_template,
@@ -76,9 +77,12 @@ def test_missing_column_and_missing_file(tmp_path):
 def test_prompt_longer_than_context_is_one_clear_error(tiny_model, copy_task_dir):
     _, tok = tiny_model
     task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir)))
-    check_lengths(task, tok, context=1024, max_new_tokens=16, template=TEACHER_TEMPLATES["paper"])
+    check_lengths(task, tok, context=1024, rollout_tokens=16, template=TEACHER_TEMPLATES["paper"])
     with pytest.raises(DataError, match=r"task copy: train row 0: prompt is \d+ tokens; the context of 40"):
-        check_lengths(task, tok, context=40, max_new_tokens=16, template=None)
+        check_lengths(task, tok, context=40, rollout_tokens=16)
+    with pytest.raises(DataError, match=r"task copy: test row 0: prompt is \d+ tokens"):
+        # test prompts are checked against the task's own max_new_tokens (64), not the rollout cap
+        check_lengths(Task("copy", task.cfg, [], task.test), tok, context=90, rollout_tokens=1)
     with pytest.raises(DataError, match=r"teacher context is \d+ tokens"):
         # the student prompt fits, the teacher context (prompt + demonstration + template) does not
         check_lengths(Task("copy", task.cfg, task.train[:1], []), tok, 100, 16, TEACHER_TEMPLATES["paper"])
@@ -101,3 +105,28 @@ def test_teacher_template_precedence_and_validation():
     )
     with pytest.raises(ConfigError, match=r"teacher_template .* \{demonstration\}"):
         resolve_teacher_template("only {prompt}", None)
+
+
+def test_sft_target_is_the_assistant_turn_of_the_chat_template(tiny_model):
+    _, tok = tiny_model
+    msgs = [{"role": "user", "content": "Say hi"}]
+    target = encode_target(tok, msgs, "hi there", [tok.eos_token_id])
+    assert tok.decode(target[:-1]) == "hi there" and target[-1] == tok.eos_token_id
+    # prompt + target is exactly the rendered conversation up to the end-of-turn token
+    full = tok(
+        tok.apply_chat_template([*msgs, {"role": "assistant", "content": "hi there"}], tokenize=False),
+        add_special_tokens=False,
+    )["input_ids"]
+    from sdft_cli.tasks import encode_messages
+
+    assert full[: len(encode_messages(tok, msgs)) + len(target)] == encode_messages(tok, msgs) + target
+
+
+def test_sft_demonstration_longer_than_the_context_is_caught(tiny_model, tmp_path):
+    _, tok = tiny_model
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "demonstration": "x" * 200}])
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "p", "answer": "x"}])
+    task = load_task("long", TaskConfig(source="json", path=str(tmp_path)))
+    check_lengths(task, tok, context=300, rollout_tokens=16)  # SDFT never trains on the demonstration
+    with pytest.raises(DataError, match=r"train row 0: prompt \+ demonstration is \d+ tokens"):
+        check_lengths(task, tok, context=150, rollout_tokens=16, target_eos=[tok.eos_token_id])

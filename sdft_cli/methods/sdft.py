@@ -12,10 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sdft_cli.config import SDFTConfig
-from sdft_cli.logger import Timer, append_jsonl
+from sdft_cli.logger import Timer, TokenMeans, append_jsonl
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
 from sdft_cli.models import inference_dtype
-from sdft_cli.objective import DIVERGENCES, aggregate, entropy, loss_mask, masked_mean
+from sdft_cli.objective import DIVERGENCES, aggregate, entropy, loss_mask
 from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, inference_copy, sync_weights
 from sdft_cli.score import completion_logits, teacher_score
 from sdft_cli.tasks import Task, encode_messages, resolve_teacher_template, student_messages, teacher_messages
@@ -58,7 +58,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     )
     while state.step < total:
         t_step = time.perf_counter()
-        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, ctx.seed + 1000 * ctx.stage)
+        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
 
         # ------------------------------------------------------------ rollout: the student samples
         torch.manual_seed(step_seed(ctx.seed, ctx.stage, state.step))
@@ -71,7 +71,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         normalizer = float(len(idx)) if cfg.aggregation == "seq_mean" else float(lmask.sum())
 
         # ------------------------------------------------------------ score + update, per micro-batch
-        stats = {"loss": 0.0, "kl": 0.0, "entropy_student": 0.0, "entropy_teacher": 0.0}
+        step_loss, tokens = 0.0, TokenMeans()
         for start in range(0, len(idx), cfg.micro_batch_size):
             mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
             width = max(1, int(ro.completion_mask[mb].sum(-1).max()))  # trim shared right padding
@@ -93,11 +93,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 loss = aggregate(per_token, lm, cfg.aggregation, normalizer)
                 loss.backward()
             with torch.no_grad():
-                share = len(mb) / len(idx)
-                stats["loss"] += float(loss)
-                stats["kl"] += masked_mean(per_token.detach(), lm) * share
-                stats["entropy_student"] += masked_mean(entropy(s_logits.detach()), cmask.float()) * share
-                stats["entropy_teacher"] += masked_mean(entropy(t_logits), cmask.float()) * share
+                step_loss += float(loss)
+                tokens.add(cfg.divergence, per_token.detach(), lm)  # the per-token divergence, token mean
+                tokens.add("entropy_student", entropy(s_logits.detach()), cmask.float())
+                tokens.add("entropy_teacher", entropy(t_logits), cmask.float())
             del t_logits, s_logits, per_token, loss
 
         # ------------------------------------------------------------ optimizer step, then the EMA teacher
@@ -110,12 +109,14 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             teacher.update(student)
         state.step += 1
 
+        stats = tokens.means()
         lengths = ro.lengths
         record = {
             "stage": ctx.stage,
             "task": task.name,
             "step": state.step,
             "total_steps": total,
+            "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},
             "train/grad_norm": round(float(grad_norm), 6),
             "train/lr": lr,
@@ -131,8 +132,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             append_jsonl(ctx.samples_log, {"step": state.step, "row": idx[i], "completion": ro.texts[i]})
         bar.update(1)
         bar.set_postfix(
-            loss=f"{stats['loss']:.3f}",
-            kl=f"{stats['kl']:.3f}",
+            loss=f"{step_loss:.3f}",
+            kl=f"{stats[cfg.divergence]:.3f}",
             len=f"{record['train/completion_len_mean']:.0f}",
         )
         maybe_checkpoint(ctx, teacher, opt, sched, state)

@@ -11,17 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sdft_cli.config import SFTConfig
-from sdft_cli.logger import Timer
+from sdft_cli.logger import Timer, TokenMeans
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
-from sdft_cli.objective import aggregate, entropy, masked_mean, token_nll
+from sdft_cli.objective import aggregate, entropy, token_nll
 from sdft_cli.score import completion_logits
-from sdft_cli.tasks import Task, encode_messages, student_messages
+from sdft_cli.tasks import Task, encode_messages, encode_target, student_messages
 from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
-
-
-def demonstration_ids(tokenizer, demonstration: str, eos_id: int) -> list[int]:
-    """The demonstration as the assistant's reply: its tokens, then the end-of-turn token."""
-    return list(tokenizer(demonstration, add_special_tokens=False)["input_ids"]) + [eos_id]
 
 
 def train_task(ctx: TrainContext, task: Task) -> Path:
@@ -32,7 +27,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     # ---------------------------------------------------------------- contexts, tokenised once
     system = task.cfg.system_prompt
     student_ctx = [encode_messages(tok, student_messages(ex.prompt, system)) for ex in task.train]
-    targets = [demonstration_ids(tok, ex.demonstration or "", tok.eos_token_id) for ex in task.train]
+    targets = [
+        encode_target(tok, student_messages(ex.prompt, system), ex.demonstration or "", ctx.eos_ids)
+        for ex in task.train
+    ]
 
     # ---------------------------------------------------------------- optimizer, resume
     total = steps_per_task(cfg, len(task.train))
@@ -46,7 +44,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     )
     while state.step < total:
         t_step = time.perf_counter()
-        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, ctx.seed + 1000 * ctx.stage)
+        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
 
         # ------------------------------------------------------------ targets: the demonstrations
         width = max(len(targets[i]) for i in idx)
@@ -58,7 +56,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         normalizer = float(len(idx)) if cfg.aggregation == "seq_mean" else float(cmask_all.sum())
 
         # ------------------------------------------------------------ update, per micro-batch
-        stats = {"loss": 0.0, "nll": 0.0, "entropy_student": 0.0}
+        step_loss, tokens = 0.0, TokenMeans()
         for start in range(0, len(idx), cfg.micro_batch_size):
             mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
             w = max(1, int(cmask_all[mb].sum(-1).max()))
@@ -71,10 +69,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 loss = aggregate(per_token, cmask.float(), cfg.aggregation, normalizer)
                 loss.backward()
             with torch.no_grad():
-                share = len(mb) / len(idx)
-                stats["loss"] += float(loss)
-                stats["nll"] += masked_mean(per_token.detach(), cmask.float()) * share
-                stats["entropy_student"] += masked_mean(entropy(s_logits.detach()), cmask.float()) * share
+                step_loss += float(loss)
+                tokens.add("nll", per_token.detach(), cmask.float())
+                tokens.add("entropy_student", entropy(s_logits.detach()), cmask.float())
             del s_logits, per_token, loss
 
         # ------------------------------------------------------------ optimizer step
@@ -86,12 +83,14 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             opt.zero_grad(set_to_none=True)
         state.step += 1
 
+        stats = tokens.means()
         lengths = cmask_all.sum(-1).tolist()
         record = {
             "stage": ctx.stage,
             "task": task.name,
             "step": state.step,
             "total_steps": total,
+            "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},
             "train/grad_norm": round(float(grad_norm), 6),
             "train/lr": lr,
@@ -102,7 +101,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         }
         ctx.logger.log(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        bar.set_postfix(loss=f"{step_loss:.3f}")
         maybe_checkpoint(ctx, no_teacher, opt, sched, state)
     bar.close()
     return save_final(ctx.train_dir, student, tok, {"method": "sft", "task": task.name, "steps": total})
