@@ -85,16 +85,11 @@ def generate_hf(
     eos_ids: list[int],
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
-    limits: list[int] | None = None,
 ) -> Rollouts:
-    """Sample (or greedily decode) one completion per prompt with transformers ``generate``.
-
-    ``limits`` caps each prompt's completion below ``sampling.max_new_tokens``, so prompts of tasks with
-    different lengths share one batched call; greedy results equal separate calls with those caps.
-    """
+    """Sample (or greedily decode) one completion per prompt with transformers ``generate``."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # buckets of similar length
     outs: dict[int, torch.Tensor] = {}
     from transformers import GenerationConfig
 
@@ -135,10 +130,9 @@ def generate_hf(
     width = max(1, max(o.shape[0] for o in outs.values()))
     completions = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     lengths = torch.zeros(len(prompts), dtype=torch.long)
-    for i, o in outs.items():
-        n = o.shape[0] if limits is None else min(o.shape[0], limits[i])
-        completions[i, :n] = o[:n]
-        lengths[i] = n
+    for i, o in outs.items():  # batches that all stopped early are narrower than `width`
+        completions[i, : o.shape[0]] = o
+        lengths[i] = o.shape[0]
     cmask, truncated = completion_mask(completions, eos_ids, lengths)
     completions = completions.masked_fill(cmask == 0, pad_id)
     texts = tokenizer.batch_decode(

@@ -162,38 +162,31 @@ def _text(row: dict, column: str, task: str, where: str, i: int, required: bool)
     return str(value)
 
 
-def load_task(name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None) -> Task:
-    """Load and validate a task. Training rows need a demonstration, test rows a reference answer."""
+def _examples(rows: list[dict], cfg: TaskConfig, task: str, where: str, train: bool) -> list[Example]:
+    """Validated examples: a training row needs a demonstration, a test row a reference answer."""
     cols = cfg.columns
-    task = Task(name=name, cfg=cfg)
-    if train:
-        rows, where = _load_rows(cfg, cfg.train_split, name)
-        rows = rows[: cfg.max_train] if cfg.max_train else rows
-        if not rows:
-            raise DataError(f"task {name}: {where} has no rows")
-        task.train = [
-            Example(
-                index=i,
-                prompt=_text(r, cols.prompt, name, where, i, True),  # type: ignore[arg-type]
-                demonstration=_text(r, cols.demonstration, name, where, i, True),
-                answer=_text(r, cols.answer, name, where, i, False),
-            )
-            for i, r in enumerate(rows)
-        ]
-    rows, where = _load_rows(cfg, cfg.test_split, name)
-    limit = min(x for x in (cfg.max_test, max_test, len(rows)) if x is not None)
-    rows = rows[:limit]
-    if not rows:
-        raise DataError(f"task {name}: {where} has no rows")
-    task.test = [
+    return [
         Example(
             index=i,
-            prompt=_text(r, cols.prompt, name, where, i, True),  # type: ignore[arg-type]
-            demonstration=_text(r, cols.demonstration, name, where, i, False),
-            answer=_text(r, cols.answer, name, where, i, True),
+            prompt=_text(r, cols.prompt, task, where, i, True),  # type: ignore[arg-type]
+            demonstration=_text(r, cols.demonstration, task, where, i, train),
+            answer=_text(r, cols.answer, task, where, i, not train),
         )
         for i, r in enumerate(rows)
     ]
+
+
+def load_task(name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None) -> Task:
+    """Load and validate a task (its test split only with ``train=False``), capped by max_train/max_test."""
+    task = Task(name=name, cfg=cfg)
+    splits = [("train", cfg.train_split, cfg.max_train)] if train else []
+    splits.append(("test", cfg.test_split, min((x for x in (cfg.max_test, max_test) if x), default=None)))
+    for kind, split, limit in splits:
+        rows, where = _load_rows(cfg, split, name)
+        rows = rows[:limit] if limit else rows
+        if not rows:
+            raise DataError(f"task {name}: {where} has no rows")
+        setattr(task, kind, _examples(rows, cfg, name, where, train=kind == "train"))
     return task
 
 

@@ -12,32 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
+from test_metrics import EXPECTED
+from test_metrics import W as WORKED
 
 from sdft_cli import report
 
 TASKS = ["tool", "science", "medical"]
 PRIORS = ["mmlu"]
-# docs/metrics.md §6 worked example (columns: TASKS then PRIORS).
-W = [
-    [0.30, 0.40, 0.20, 0.65],
-    [0.80, 0.45, 0.25, 0.60],
-    [0.82, 0.85, 0.30, 0.58],
-    [0.60, 0.75, 0.90, 0.55],
-]
-EXPECTED = {
-    "acc": 0.75,
-    "bwt": -0.15,
-    "bwt_divisor": 2.0,
-    "fwt": 0.075,
-    "forgetting_max": 0.16,
-    "aia": 0.795,
-    "stage_acc": 0.75,
-    "prior_avg": 0.55,
-    "prior_avg_base": 0.65,
-    "prior_delta": -0.10,
-    "prior_forgetting": 0.10,
-    "stage": 3,
-}
+# docs/metrics.md §6 worked example (columns: TASKS then PRIORS), shared with test_metrics.
+W = WORKED.tolist()
 META = {"method": "sdft", "seed": 7, "title": "worked example"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

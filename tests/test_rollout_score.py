@@ -99,8 +99,8 @@ def test_completion_logits_equal_an_unpadded_forward(tiny_model):
     assert got.shape == (2, width, model.config.vocab_size)
 
 
-def test_pooled_evaluation_equals_per_task_evaluation(tiny_model, copy_task_dir):
-    """Tasks with different max_new_tokens share one batched pass; each is capped at its own length."""
+def test_evaluating_tasks_together_equals_each_alone(tiny_model, copy_task_dir):
+    """Each task keeps its own max_new_tokens, and batch size does not change greedy results."""
     from sdft_cli.config import TaskConfig
     from sdft_cli.evaluate import evaluate, evaluate_many
     from sdft_cli.tasks import load_task
@@ -118,5 +118,5 @@ def test_pooled_evaluation_equals_per_task_evaluation(tiny_model, copy_task_dir)
         assert [p["prediction"] for p in res.predictions] == [p["prediction"] for p in alone.predictions]
         assert [p["truncated"] for p in res.predictions] == [p["truncated"] for p in alone.predictions]
         assert res.value == alone.value and res.n == 2
-    # the caps differ, so the pooled pass really truncated the short task
+    # the caps differ, so the short task really was cut shorter
     assert len(pooled[0].predictions[0]["prediction"]) < len(pooled[1].predictions[0]["prediction"])
