@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sdft_cli.config import compose
+from sdft_cli.compose import compose
 from sdft_cli.evaluate import evaluate
 from sdft_cli.models import (
     autocast_dtype,

@@ -76,7 +76,7 @@ def preflight(overrides: list[str]) -> None:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from sdft_cli.config import compose
+    from sdft_cli.compose import compose
 
     job = list(overrides)
     try:
@@ -139,7 +139,7 @@ def show(
     """Print the composed config (YAML) for the given overrides."""
     from omegaconf import OmegaConf
 
-    from sdft_cli.config import compose_raw, to_config
+    from sdft_cli.compose import compose_raw, to_config
 
     try:
         raw = compose_raw(overrides or [])
@@ -162,7 +162,7 @@ def ls_(
     group: str = typer.Argument(None, help="A config group (model, method, task, ...); all if omitted."),
 ) -> None:
     """List config groups and their options, with one line of description each."""
-    from sdft_cli.config import GROUPS, conf_dir
+    from sdft_cli.compose import GROUPS, conf_dir
 
     root = conf_dir()
     groups = [group] if group else list(GROUPS)
@@ -178,7 +178,7 @@ def ls_(
 @app.command()
 def validate() -> None:
     """Compose every option of every group (and every experiment) and type-check it."""
-    from sdft_cli.config import GROUPS, compose, conf_dir
+    from sdft_cli.compose import GROUPS, compose, conf_dir
 
     root = conf_dir()
     failures = 0

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sdft_cli.config import register_configs, register_resolvers, to_config
+from sdft_cli.compose import register_configs, register_resolvers, to_config
 from sdft_cli.errors import SdftError
 
 register_configs()

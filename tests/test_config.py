@@ -2,14 +2,8 @@
 
 import pytest
 
-from sdft_cli.config import (
-    GROUPS,
-    SDFTConfig,
-    SFTConfig,
-    compose,
-    conf_dir,
-    run_subdir,
-)
+from sdft_cli.compose import GROUPS, compose, conf_dir, run_subdir
+from sdft_cli.config import SDFTConfig, SFTConfig
 from sdft_cli.errors import ConfigError
 
 

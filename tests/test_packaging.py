@@ -1,6 +1,7 @@
 """The built wheel carries the Hydra config tree and the bundled data, and composes outside the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,7 +10,7 @@ from conftest import REPO
 
 CHECK = """
 import sdft_cli, sys
-from sdft_cli.config import compose, conf_dir
+from sdft_cli.compose import compose, conf_dir
 from sdft_cli.tasks import bundled_dir, load_task
 assert sdft_cli.__file__.startswith(sys.argv[1]), sdft_cli.__file__
 assert str(conf_dir()).startswith(sys.argv[1]), conf_dir()
@@ -21,9 +22,12 @@ print(type(cfg.method).__name__, list(cfg.task), len(task.train), bundled_dir())
 
 def test_wheel_has_configs_and_data_and_composes_when_installed(tmp_path):
     pip = [sys.executable, "-m", "pip"]
+    # build from a copy: an in-tree build/ directory could carry stale modules into the wheel
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "runs", "*.egg-info"))
     dist = tmp_path / "dist"
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
         check=True,
         capture_output=True,
     )
