@@ -95,9 +95,16 @@ class MethodConfig:
     save_every: int = 50
     # Rollouts per step written to samples.jsonl for inspection.
     log_samples: int = 2
+    # Tokens per chunk of the vocabulary-sized loss, fused with the output head (0 = whole micro-batch at
+    # once, the naive computation; same values and gradients, memory grows with the chunk).
+    loss_chunk_size: int = 256
+    # seq_mean: token mean per sequence, then batch mean (paper); token_mean: one mean over all tokens.
+    aggregation: str = "seq_mean"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        _nonneg("method.loss_chunk_size", self.loss_chunk_size)
+        _choice("method.aggregation", self.aggregation, ("seq_mean", "token_mean"))
         _positive("method.epochs", self.epochs)
         _positive("method.prompts_per_step", self.prompts_per_step)
         _positive("method.micro_batch_size", self.micro_batch_size)
@@ -118,30 +125,93 @@ class MethodConfig:
 
 @dataclass
 class SDFTConfig(MethodConfig):
-    """On-policy self-distillation: the student samples, the demonstration-conditioned teacher scores."""
+    """On-policy self-distillation: the student samples, the demonstration-conditioned teacher scores.
+
+    The objective's options are documented with their formulas in docs/objective.md.
+    """
 
     name: str = "sdft"
-    # forward_kl = KL(teacher||student), behind the paper's numbers; reverse_kl = the paper's text.
-    divergence: str = "forward_kl"
+    # forward = KL(teacher||student), behind the paper's numbers; reverse = KL(student||teacher), the
+    # paper's text; jsd = generalized JSD with mixture jsd_beta*teacher + (1-jsd_beta)*student
+    # (jsd_beta=0 is forward, 1 is reverse).
+    divergence: str = "forward"
+    jsd_beta: float = 0.5
+    # full = the whole vocabulary; topk = the top-k ids of topk_source, renormalised or with a tail bucket.
+    support: str = "full"
+    topk: int = 100
+    topk_source: str = "teacher"
+    topk_tail: str = "renorm"
+    # analytic = the divergence itself; sampled = score-function estimator of reverse KL on the sampled
+    # token; rb = analytic reverse KL + the Rao-Blackwellised score term (paper App. A.1).
+    estimator: str = "analytic"
+    # Both models' logits are divided by this before the softmax.
+    temperature: float = 1.0
     # Completion tokens excluded from the loss (still in context); the paper masks the first 3.
     skip_first_tokens: int = 3
-    # seq_mean: token mean per sequence, then batch mean (paper); token_mean: one mean over all tokens.
-    aggregation: str = "seq_mean"
     # ema: EMA of the student (paper); frozen: the student at the start of the task; live: the student itself.
     teacher: str = "ema"
     ema_alpha: float = 0.01
+    # Who samples the completions: student (on-policy, SDFT) or teacher (offline distillation).
+    generate_from: str = "student"
+    # Truncated importance weight per sequence, mean over its loss tokens of min(p_train/p_sampler, cap):
+    # auto = on when rollouts come from another engine than the trainer (vLLM), off for the hf backend.
+    importance_sampling: str = "auto"
+    is_cap: float = 2.0
+    # Also write the task's final teacher weights (teacher.safetensors) next to the student.
+    save_teacher: bool = False
     # A name from sdft_cli.tasks.TEACHER_TEMPLATES or a literal template with {prompt} and {demonstration}.
     # null = each task's own teacher_template, else "paper". Set here, it applies to every task.
     teacher_template: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("method.divergence", self.divergence, ("forward_kl", "reverse_kl"))
-        _choice("method.aggregation", self.aggregation, ("seq_mean", "token_mean"))
+        _choice("method.divergence", self.divergence, ("forward", "reverse", "jsd"))
+        _choice("method.support", self.support, ("full", "topk"))
+        _choice("method.topk_source", self.topk_source, ("teacher", "student"))
+        _choice("method.topk_tail", self.topk_tail, ("renorm", "bucket"))
+        _choice("method.estimator", self.estimator, ("analytic", "sampled", "rb"))
         _choice("method.teacher", self.teacher, ("ema", "frozen", "live"))
+        _choice("method.generate_from", self.generate_from, ("student", "teacher"))
+        _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
         _nonneg("method.skip_first_tokens", self.skip_first_tokens)
+        _positive("method.topk", self.topk)
+        _positive("method.temperature", self.temperature)
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ConfigError(f"method.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        if self.is_cap < 1.0:
+            raise ConfigError(f"method.is_cap must be >= 1, got {self.is_cap}")
+        if self.estimator in ("sampled", "rb") and self.divergence != "reverse":
+            raise ConfigError(
+                f"method.estimator={self.estimator} estimates reverse KL; set method.divergence=reverse"
+            )
+        if self.estimator == "sampled" and self.support != "full":
+            raise ConfigError("method.estimator=sampled uses only the sampled token; set method.support=full")
+
+    def spec(self):
+        """The per-token objective as the loss code takes it."""
+        from sdft_cli.divergence import DivergenceSpec
+
+        return DivergenceSpec(
+            divergence=self.divergence,
+            beta=self.jsd_beta,
+            support=self.support,
+            topk=self.topk,
+            topk_source=self.topk_source,
+            tail=self.topk_tail,
+            estimator=self.estimator,
+            temperature=self.temperature,
+        )
+
+
+@dataclass
+class OfflineDistillConfig(SDFTConfig):
+    """The same divergence on completions the (frozen, demonstration-conditioned) teacher samples."""
+
+    name: str = "offline_distill"
+    generate_from: str = "teacher"
+    teacher: str = "frozen"
 
 
 @dataclass
@@ -149,14 +219,28 @@ class SFTConfig(MethodConfig):
     """Supervised fine-tuning: next-token NLL on the demonstrations (off-policy baseline)."""
 
     name: str = "sft"
-    aggregation: str = "seq_mean"
+    # none = plain NLL; prob = each token's NLL weighted by its detached probability (DFT).
+    token_weighting: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("method.aggregation", self.aggregation, ("seq_mean", "token_mean"))
+        _choice("method.token_weighting", self.token_weighting, ("none", "prob"))
 
 
-METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {"sdft": SDFTConfig, "sft": SFTConfig}
+@dataclass
+class DFTConfig(SFTConfig):
+    """Dynamic fine-tuning (Wu et al. 2025): SFT with each token's loss scaled by sg(p(token))."""
+
+    name: str = "dft"
+    token_weighting: str = "prob"
+
+
+METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
+    "sdft": SDFTConfig,
+    "offline_distill": OfflineDistillConfig,
+    "sft": SFTConfig,
+    "dft": DFTConfig,
+}
 
 
 # ----------------------------------------------------------------------------- rollout, tasks, eval, logger
@@ -246,6 +330,9 @@ class EvalConfig:
     # Weights dtype the evaluated model is cast to (auto = bf16 when compute runs in bf16), as a bf16
     # checkpoint would be served by vLLM or lm-eval.
     dtype: str = "auto"
+    # After each task, the forward KL from the base model on that task's test prompts (RL's Razor's
+    # forgetting predictor); keeps a copy of the base model in memory.
+    kl_to_base: bool = True
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
@@ -301,6 +388,14 @@ class Config:
             task.check(f"task.{name}")
         for name, probe in self.eval.probes.items():
             probe.check(f"eval.probes.{name}")
+        if (
+            isinstance(self.method, SDFTConfig)
+            and self.method.importance_sampling == "on"
+            and self.rollout.temperature == 0
+        ):
+            raise ConfigError(
+                "method.importance_sampling=on needs sampled rollouts, but rollout.temperature=0"
+            )
         overlap = set(self.task) & set(self.eval.probes)
         if overlap:
             raise ConfigError(f"task and eval.probes share names: {sorted(overlap)}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from sdft_cli.divergence import kl
 from sdft_cli.rollout import Sampling, generate_hf
+from sdft_cli.score import completion_logits
 from sdft_cli.scorers import get_scorer
 from sdft_cli.tasks import Task, encode_messages, student_messages, teacher_messages
 
@@ -26,6 +28,10 @@ class EvalResult:
     n: int
     stderr: float
     predictions: list[dict]
+    # what was decoded, kept for diagnostics on the same tokens (not written to results.json)
+    contexts: list[list[int]] = field(default_factory=list, repr=False)
+    completions: torch.Tensor | None = field(default=None, repr=False)
+    completion_mask: torch.Tensor | None = field(default=None, repr=False)
 
 
 def _contexts(task: Task, tokenizer, teacher_template: str | None) -> list[list[int]]:
@@ -73,10 +79,55 @@ def evaluate_many(
         ]
         n = len(preds)
         value = sum(p["score"] for p in preds) / n
+        stderr = math.sqrt(value * (1 - value) / n)
         results.append(
-            EvalResult(task.name, task.cfg.scorer, value, n, math.sqrt(value * (1 - value) / n), preds)
+            EvalResult(
+                task.name,
+                task.cfg.scorer,
+                value,
+                n,
+                stderr,
+                preds,
+                prompts,
+                out.completion_ids,
+                out.completion_mask,
+            )
         )
     return results
+
+
+@torch.no_grad()
+def kl_to_base(
+    base,
+    model,
+    result: EvalResult,
+    pad_id: int,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """RL's Razor's forgetting predictor: forward KL(pi_0 || pi) from the base model, per token over the
+    full vocabulary, on the evaluated model's own greedy completions of the task's test prompts.
+
+    Returns the mean per completion token and the mean per sequence of its summed KL (nats).
+    """
+    assert result.completions is not None and result.completion_mask is not None
+    comps, masks = result.completions.clone(), result.completion_mask.clone()  # out of inference mode
+    token_sum, tokens, seq_sums = 0.0, 0.0, []
+    for s in range(0, len(result.contexts), batch_size):
+        ctx = result.contexts[s : s + batch_size]
+        width = max(1, int(masks[s : s + batch_size].sum(-1).max()))
+        c, m = comps[s : s + batch_size, :width], masks[s : s + batch_size, :width]
+        lb = completion_logits(base, ctx, c, m, pad_id, autocast_dtype).float()
+        lm = completion_logits(model, ctx, c, m, pad_id, autocast_dtype).float()
+        per = kl(torch.log_softmax(lb, -1), torch.log_softmax(lm, -1)).cpu() * m
+        token_sum += float(per.sum())
+        tokens += float(m.sum())
+        seq_sums += per.sum(-1).tolist()
+    return {
+        "kl_to_base_token": token_sum / max(tokens, 1.0),
+        "kl_to_base_seq": sum(seq_sums) / max(len(seq_sums), 1),
+        "n": len(seq_sums),
+    }
 
 
 def evaluate(

@@ -36,7 +36,7 @@ from sdft_cli.artifacts import (
 )
 from sdft_cli.config import Config, SDFTConfig
 from sdft_cli.errors import RunDirError
-from sdft_cli.evaluate import evaluate_many
+from sdft_cli.evaluate import evaluate_many, kl_to_base
 from sdft_cli.logger import RunLogger
 from sdft_cli.methods import METHODS
 from sdft_cli.methods.context import TrainContext
@@ -165,6 +165,16 @@ class Run:
     eos: list[int]
     amp: torch.dtype | None
     logger: RunLogger
+    base_path: Path | None = None
+    _base: torch.nn.Module | None = None
+
+    def base_engine(self, device) -> torch.nn.Module:
+        """The base model in the evaluation dtype, loaded once (for the KL-to-base diagnostic)."""
+        if self._base is None:
+            base = load_model(self.base_path, self.cfg.model.dtype, device)
+            self._base = inference_copy(base, inference_dtype(self.cfg.eval.dtype, self.amp))
+            self._base.requires_grad_(False)
+        return self._base
 
     def train_stage(self, index: int, name: str, model) -> None:
         """Train on task ``index``; the method writes checkpoints, the final model and the manifest."""
@@ -216,12 +226,19 @@ class Run:
                 }
             )
         atomic_write_json(out_dir / "results.json", cells)
+        diag = {}
+        if stage > 0 and self.cfg.eval.kl_to_base and stage_task in self.tasks:
+            new = next(r for r in results if r.task == stage_task)
+            base = self.base_engine(next(model.parameters()).device)
+            diag = kl_to_base(base, engine, new, self.tokenizer.pad_token_id, autocast_dtype=self.amp)  # type: ignore[attr-defined]
+            atomic_write_json(out_dir / "diagnostics.json", {"task": stage_task, **diag})
         self.logger.log(
             {
                 "stage": stage,
                 "event": "eval",
                 "time/eval": round(time.perf_counter() - t0, 3),
                 **{f"eval/{c['eval_task']}/{c['metric']}": c["value"] for c in cells},
+                **({"eval/kl_to_base": diag["kl_to_base_token"]} if diag else {}),
             }
         )
         write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})
@@ -231,7 +248,12 @@ class Run:
         names = list(self.tasks)
         dirs = [self.layout.base_eval()] + [self.layout.eval(i, n) for i, n in enumerate(names, 1)]
         cells = [c for d in dirs if is_complete(d) for c in read_json(d / "results.json")]
-        write_matrix(self.layout.root, cells, names, list(self.probes), meta)
+        kl = {
+            f"{i}:{n}": read_json(d / "diagnostics.json")["kl_to_base_token"]
+            for i, (n, d) in enumerate(zip(names, dirs[1:], strict=True), start=1)
+            if is_complete(d) and (d / "diagnostics.json").is_file()
+        }
+        write_matrix(self.layout.root, cells, names, list(self.probes), {**meta, "kl_to_base": kl})
         data = load_matrix(self.layout.root)
         print_matrix(data)
         self.logger.log_matrix(data, self.layout.matrix("png"))
@@ -282,7 +304,7 @@ def run(cfg: Config) -> dict:
             check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
 
         logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
-        state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger)
+        state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger, base_path=base_path)
         meta = {
             "method": cfg.method.name,
             "seed": cfg.seed,

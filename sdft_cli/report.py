@@ -226,6 +226,19 @@ def render_markdown(data: dict) -> str:
         "|---|---:|---|",
     ]
     lines += [f"| {label} | {value} | {note} |" for label, value, note in _metric_lines(data)]
+    kl = data.get("meta", {}).get("kl_to_base") or {}
+    if kl:
+        lines += [
+            "",
+            "## KL to base (RL's Razor forgetting predictor)",
+            "",
+            "Forward KL(base || model) in nats per token, full vocabulary, on the model's greedy answers to"
+            " the just-trained task's test prompts.",
+            "",
+            "| stage | KL |",
+            "|---|---:|",
+        ]
+        lines += [f"| {esc(stage.replace(':', ': ', 1))} | {v:.4g} |" for stage, v in kl.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 32
+    # Record each sampled token's log-probability under the sampler (for importance weights).
+    logprobs: bool = False
 
 
 @dataclass
@@ -32,7 +34,9 @@ class Rollouts:
     """Completions for a list of prompts, in the prompts' order.
 
     ``completion_ids`` is right-padded with ``pad_id``; ``completion_mask`` is 1 on every generated
-    token up to and including the first EOS, 0 after it.
+    token up to and including the first EOS, 0 after it. ``logprobs`` (when requested) is the
+    sampler's log-probability of each completion token: log-softmax of the engine's logits divided by
+    the sampling temperature (top-p/top-k truncation not applied, as the trainer computes it).
     """
 
     prompt_ids: list[list[int]]
@@ -40,6 +44,7 @@ class Rollouts:
     completion_mask: torch.Tensor
     texts: list[str]
     truncated: list[bool]
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -76,6 +81,30 @@ def completion_mask(
     return mask, truncated
 
 
+class _TokenLogprobs:
+    """A logits processor that records the log-probability of each token ``generate`` samples.
+
+    Placed before the temperature/top-p warpers, it sees the model's logits at step k; the token chosen
+    at step k is visible at step k+1 (or in the returned sequences, for the last step), so one
+    ``[batch, vocab]`` row per step is held, never the whole ``[batch, steps, vocab]``.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.pending: torch.Tensor | None = None
+        self.out: list[torch.Tensor] = []
+
+    def take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.out.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float().cpu())
+            self.pending = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+
 @torch.inference_mode()
 def generate_hf(
     model,
@@ -91,7 +120,8 @@ def generate_hf(
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # buckets of similar length
     outs: dict[int, torch.Tensor] = {}
-    from transformers import GenerationConfig
+    lps: dict[int, torch.Tensor] = {}
+    from transformers import GenerationConfig, LogitsProcessorList
 
     greedy = sampling.temperature == 0
     gen = GenerationConfig(
@@ -116,12 +146,21 @@ def generate_hf(
         for start in range(0, len(order), sampling.batch_size):
             idx = order[start : start + sampling.batch_size]
             ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+            recorder = _TokenLogprobs(sampling.temperature) if sampling.logprobs else None
             with autocast(autocast_dtype, device):
                 seq = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=gen,
+                    logits_processor=LogitsProcessorList([recorder] if recorder else []),
                 )
+            if recorder is not None:
+                recorder.take(seq[:, -1])
+                batch_lp = torch.stack(recorder.out, dim=1) if recorder.out else None
             for row, i in enumerate(idx):
                 outs[i] = seq[row, ids.shape[1] :].cpu()
+                if recorder is not None and batch_lp is not None:
+                    lps[i] = batch_lp[row]
             if progress is not None:
                 progress(len(idx))
     finally:
@@ -138,7 +177,13 @@ def generate_hf(
     texts = tokenizer.batch_decode(
         [c[: int(m.sum())] for c, m in zip(completions, cmask, strict=True)], skip_special_tokens=True
     )
-    return Rollouts(prompts, completions, cmask, texts, truncated.tolist())
+    logprobs = None
+    if sampling.logprobs:
+        logprobs = torch.zeros(completions.shape, dtype=torch.float32)
+        for i, lp in lps.items():
+            logprobs[i, : lp.shape[0]] = lp
+        logprobs = logprobs * cmask
+    return Rollouts(prompts, completions, cmask, texts, truncated.tolist(), logprobs)
 
 
 def inference_copy(model, dtype: torch.dtype | None):

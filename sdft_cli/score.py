@@ -1,14 +1,16 @@
-"""Scoring completions under a context: the teacher's (and the student's) logits on the student's tokens.
+"""Scoring completions under a context: the teacher's (and the student's) view of the student's tokens.
 
-The input is ``[left-padded context ; right-padded completion]``; only the positions that predict
-completion tokens go through the output projection (``logits_to_keep``), so long prompts and
-demonstrations cost no vocabulary-sized logits.
+The input is ``[left-padded context ; right-padded completion]``. Training takes the final hidden
+states at the positions that predict completion tokens (``completion_hidden``) and applies the output
+head chunk by chunk inside the loss (``chunked.fused_loss``), so no ``[tokens, vocab]`` logits are held
+for a whole batch; ``completion_logits`` (logits at those positions only) serves evaluation and tests.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sdft_cli.chunked import LinearHead
 from sdft_cli.models import autocast
 from sdft_cli.rollout import left_pad
 
@@ -26,11 +28,8 @@ def completion_logits(
     Runs under whatever grad mode the caller chose: ``no_grad`` for the teacher, grad for the student.
     """
     device = next(model.parameters()).device
-    ctx_ids, ctx_mask = left_pad(contexts, pad_id)
-    ids = torch.cat([ctx_ids, completions], dim=1).to(device)
-    mask = torch.cat([ctx_mask, completion_mask.long()], dim=1).to(device)
     # positions count real tokens only, as in generate(); padding gets position 0 and is masked anyway
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = _inputs(contexts, completions, completion_mask, pad_id, device)
     width = completions.shape[1]
     with autocast(autocast_dtype, device):
         out = model(
@@ -43,17 +42,50 @@ def completion_logits(
     return out.logits[:, :-1]
 
 
-@torch.no_grad()
-def teacher_score(
-    teacher,
+def _inputs(contexts, completions, completion_mask, pad_id, device):
+    ctx_ids, ctx_mask = left_pad(contexts, pad_id)
+    ids = torch.cat([ctx_ids, completions], dim=1).to(device)
+    mask = torch.cat([ctx_mask, completion_mask.long()], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def completion_hidden(
+    model,
     contexts: list[list[int]],
     completions: torch.Tensor,
     completion_mask: torch.Tensor,
     pad_id: int,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The teacher's next-token logits on the student's completion, given the teacher context.
+    """Final hidden states ``[B, T, H]`` whose row ``t`` predicts completion token ``t``.
 
-    ``no_grad`` rather than ``inference_mode``: the result enters the student's loss as a constant.
+    ``output_head(model)`` turns them into exactly the logits ``completion_logits`` returns.
     """
-    return completion_logits(teacher, contexts, completions, completion_mask, pad_id, autocast_dtype)
+    device = next(model.parameters()).device
+    ids, mask, positions = _inputs(contexts, completions, completion_mask, pad_id, device)
+    width = completions.shape[1]
+    with autocast(autocast_dtype, device):
+        out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, -(width + 1) : -1]
+
+
+def output_head(model) -> tuple[LinearHead, list[torch.nn.Parameter]]:
+    """The model's hidden-to-logits map (incl. logit scaling/soft-capping where a family has it) and its
+    trainable tensors (the embedding matrix when it is tied)."""
+    lm_head = model.get_output_embeddings()
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    post = None
+    if scale is not None or cap is not None:
+
+        def post(z: torch.Tensor) -> torch.Tensor:
+            if scale is not None:
+                z = z * scale
+            if cap is not None:
+                z = torch.tanh(z / cap) * cap
+            return z
+
+    head = LinearHead(lm_head.weight, getattr(lm_head, "bias", None), post)
+    return head, [p for p in lm_head.parameters() if p.requires_grad]

@@ -129,22 +129,28 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: Path, student, tokenizer, teacher: Teacher, opt, sched, state: TrainState) -> Path:
-    """Write a complete checkpoint atomically (the directory appears only when everything is in it)."""
+def save_teacher(path: Path, teacher: Teacher) -> None:
+    """The teacher's weights as safetensors (nothing for a live teacher, which is the student)."""
     from safetensors.torch import save_file
 
+    state = teacher.state_dict()
+    if not state:
+        return
+    # tied weights share storage; safetensors wants each tensor once, and load(strict=False) re-ties
+    seen, unique = set(), {}
+    for k, v in state.items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v.contiguous()
+    save_file(unique, str(path))
+
+
+def save_checkpoint(path: Path, student, tokenizer, teacher: Teacher, opt, sched, state: TrainState) -> Path:
+    """Write a complete checkpoint atomically (the directory appears only when everything is in it)."""
     with atomic_dir(path) as tmp:
         student.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        teacher_state = teacher.state_dict()
-        if teacher_state:
-            # tied weights share storage; safetensors wants each tensor once, and load(strict=False) re-ties
-            seen, unique = set(), {}
-            for k, v in teacher_state.items():
-                if v.data_ptr() not in seen:
-                    seen.add(v.data_ptr())
-                    unique[k] = v.contiguous()
-            save_file(unique, str(tmp / "teacher.safetensors"))
+        save_teacher(tmp / "teacher.safetensors", teacher)
         torch.save(
             {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
             tmp / "trainer_state.pt",
@@ -189,11 +195,15 @@ def prune_checkpoints(root: Path, keep: Path | None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_final(train_dir: Path, student, tokenizer, info: dict) -> Path:
-    """The task's trained student as a plain HF directory, then the stage manifest (the stage is done)."""
+def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher | None = None) -> Path:
+    """The task's trained student as a plain HF directory (and optionally the teacher's weights), then
+    the stage manifest (the stage is done)."""
     with atomic_dir(train_dir / "model") as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    if teacher is not None and teacher.kind != "live":
+        with atomic_dir(train_dir / "teacher") as tmp:
+            save_teacher(tmp / "teacher.safetensors", teacher)
     # complete first, then drop the checkpoints: a crash in between leaves only garbage, never a state
     # that a re-run would misread
     write_manifest(train_dir, info, exclude=("checkpoints",))
@@ -213,6 +223,7 @@ __all__ = [
     "prune_checkpoints",
     "save_checkpoint",
     "save_final",
+    "save_teacher",
     "step_seed",
     "steps_per_task",
 ]

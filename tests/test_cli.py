@@ -82,6 +82,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
         "method.epochs=100",
         "method.max_steps=40",
         "method.save_every=2",
+        "method.save_teacher=true",
         f"runs_root={tmp_path}",
     ]
     proc = subprocess.Popen(
@@ -92,7 +93,11 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
         text=True,
         start_new_session=True,
     )
-    run = tmp_path / "smoke" / "method.epochs=100,method.max_steps=40,method.save_every=2,task=[facts]"
+    run = (
+        tmp_path
+        / "smoke"
+        / "method.epochs=100,method.max_steps=40,method.save_every=2,method.save_teacher=true,task=[facts]"
+    )
     deadline = time.time() + 300
     while not list(run.glob("t01_facts/train/checkpoints/step_*/manifest.json")):
         assert proc.poll() is None, proc.stdout.read()
@@ -110,15 +115,41 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     assert json.loads((run / "matrix.json").read_text())["rows"] == ["base", "1:facts"]
     assert not (run / "t01_facts" / "train" / "checkpoints").exists()
 
-    # the resumed run is exactly the uninterrupted one: same losses at every step, same final weights
+    # the resumed run is exactly the uninterrupted one: same losses at every step, same final student and
+    # EMA teacher weights
     ref = tmp_path / "reference"
     sdft("run", *args, f"run_dir={ref}", cwd=tmp_path)
     assert step_losses(run) == step_losses(ref)
     from safetensors.torch import load_file
 
-    a = load_file(str(run / "t01_facts" / "train" / "model" / "model.safetensors"))
-    b = load_file(str(ref / "t01_facts" / "train" / "model" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for weights in ("model/model.safetensors", "teacher/teacher.safetensors"):
+        a = load_file(str(run / "t01_facts" / "train" / weights))
+        b = load_file(str(ref / "t01_facts" / "train" / weights))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    student = load_file(str(run / "t01_facts" / "train" / "model" / "model.safetensors"))
+    teacher = load_file(str(run / "t01_facts" / "train" / "teacher" / "teacher.safetensors"))
+    shared = student.keys() & teacher.keys()
+    assert shared and any(
+        not torch.equal(student[k], teacher[k].to(student[k].dtype)) for k in shared
+    )  # an EMA
+
+
+def test_objective_options_from_the_command_line(tmp_path, tiny_model_dir):
+    """Reverse KL on the teacher's top-k with a frozen teacher, end to end; the log and the KL-to-base
+    diagnostic are written."""
+    opts = ["method.divergence=reverse", "method.support=topk", "method.topk=16", "method.teacher=frozen"]
+    sdft("run", *SMOKE, "task=[facts]", *opts, "run_dir=objective", cwd=tmp_path)
+    run = tmp_path / "objective"
+    cfg = (run / "config.yaml").read_text()
+    assert "divergence: reverse" in cfg and "support: topk" in cfg and "teacher: frozen" in cfg
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r]
+    assert len(steps) == 2 and all(r["train/divergence"] >= 0 and r["train/k3"] >= 0 for r in steps)
+    diag = json.loads((run / "t01_facts" / "eval" / "diagnostics.json").read_text())
+    assert diag["task"] == "facts" and diag["kl_to_base_token"] >= 0 and diag["n"] == 4
+    data = json.loads((run / "matrix.json").read_text())
+    assert data["meta"]["kl_to_base"] == {"1:facts": diag["kl_to_base_token"]}
+    assert "KL to base" in (run / "matrix.md").read_text()
 
 
 def test_multirun_sweep_gets_one_directory_per_job(tmp_path, tiny_model_dir):

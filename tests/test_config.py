@@ -27,7 +27,7 @@ def test_method_option_selects_its_schema():
 def test_default_is_the_embedded_run():
     cfg = compose([])
     assert list(cfg.task) == ["toolcall", "mcq", "facts"]
-    assert cfg.model.source == "smollm2" and cfg.method.divergence == "forward_kl"
+    assert cfg.model.source == "smollm2" and cfg.method.divergence == "forward"
     assert cfg.method.skip_first_tokens == 3 and cfg.method.teacher == "ema" and cfg.method.ema_alpha == 0.01
     assert set(cfg.eval.probes) == {"capitals", "opposites", "languages"}
 
@@ -57,7 +57,21 @@ def test_run_subdir_sanitises():
         (["task=nonexistent"], "unknown task 'nonexistent' (available: facts, mcq, toolcall)"),
         (["method=nope"], "unknown method 'nope'"),
         (["method.optim.lr=-1"], "method.optim.lr must be > 0"),
-        (["method.divergence=jsd"], "method.divergence='jsd' is not one of"),
+        (["method.divergence=kl"], "method.divergence='kl' is not one of"),
+        (
+            ["method.estimator=sampled"],
+            "method.estimator=sampled estimates reverse KL; set method.divergence=reverse",
+        ),
+        (
+            ["method.divergence=reverse", "method.estimator=sampled", "method.support=topk"],
+            "method.estimator=sampled uses only the sampled token",
+        ),
+        (["method.jsd_beta=1.5"], "method.jsd_beta must be in [0, 1]"),
+        (["method.topk=0"], "method.topk must be > 0"),
+        (["method.is_cap=0.5"], "method.is_cap must be >= 1"),
+        (["method=sft", "method.divergence=reverse"], "divergence"),
+        (["method.loss_chunk_size=-1"], "method.loss_chunk_size must be >= 0"),
+        (["method.importance_sampling=on", "rollout.temperature=0"], "needs sampled rollouts"),
         (["method.prompts_per_step=6", "method.micro_batch_size=4"], "must be a multiple of"),
         (["method.lr_typo=1"], "lr_typo"),
         (["seed=abc"], "seed"),

@@ -1,9 +1,10 @@
 """Batched generation and completion scoring agree with one-sequence-at-a-time brute force."""
 
+import pytest
 import torch
 
 from sdft_cli.rollout import Sampling, completion_mask, generate_hf, left_pad
-from sdft_cli.score import completion_logits, teacher_score
+from sdft_cli.score import completion_logits
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -89,8 +90,7 @@ def test_completion_logits_equal_an_unpadded_forward(tiny_model):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
     got = completion_logits(model, contexts, ids, mask, tok.pad_token_id)
-    assert got.requires_grad  # the student's logits carry gradients, the teacher's do not
-    assert not teacher_score(model, contexts, ids, mask, tok.pad_token_id).requires_grad
+    assert got.requires_grad
     with torch.no_grad():
         for i, (ctx, c) in enumerate(zip(contexts, comps, strict=True)):
             full = model(input_ids=torch.tensor([ctx + c])).logits[0]
@@ -120,3 +120,71 @@ def test_evaluating_tasks_together_equals_each_alone(tiny_model, copy_task_dir):
         assert res.value == alone.value and res.n == 2
     # the caps differ, so the short task really was cut shorter
     assert len(pooled[0].predictions[0]["prediction"]) < len(pooled[1].predictions[0]["prediction"])
+
+
+def test_sampler_logprobs_are_the_models_temperature_scaled_logprobs(tiny_model):
+    """The log-probs recorded during sampling equal a separate scoring pass of the same tokens."""
+    model, tok = tiny_model
+    prompts = [tok(t)["input_ids"] for t in ("hi", "a much longer prompt here", "mid")]
+    torch.manual_seed(0)
+    s = Sampling(max_new_tokens=10, temperature=0.7, batch_size=2, logprobs=True)
+    ro = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    comp, mask = ro.completion_ids.clone(), ro.completion_mask.clone()
+    with torch.no_grad():
+        logits = completion_logits(model, prompts, comp, mask, tok.pad_token_id)
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1) * mask
+    assert ro.logprobs is not None and mask.sum() > 10
+    assert torch.allclose(ro.logprobs, want, atol=1e-4)
+    assert (ro.logprobs[mask.bool()] < 0).all()
+
+
+def test_hidden_states_through_the_output_head_are_the_completion_logits(tiny_model):
+    from sdft_cli.score import completion_hidden, output_head
+
+    model, tok = tiny_model
+    contexts = [tok("first context")["input_ids"], tok("x")["input_ids"]]
+    comp = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    head, params = output_head(model)
+    with torch.no_grad():
+        via_head = head(completion_hidden(model, contexts, comp, mask, tok.pad_token_id))
+        direct = completion_logits(model, contexts, comp, mask, tok.pad_token_id)
+    assert torch.allclose(via_head, direct, atol=1e-5)
+    # tied embeddings: the head's trainable tensor is the input embedding matrix
+    assert params and params[0] is model.get_output_embeddings().weight
+
+
+def test_kl_to_base_is_zero_for_the_base_and_matches_a_brute_force_sum(tiny_model, copy_task_dir):
+    import copy
+    import math
+
+    from sdft_cli.config import TaskConfig
+    from sdft_cli.evaluate import evaluate_many, kl_to_base
+    from sdft_cli.tasks import load_task
+
+    model, tok = tiny_model
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=5))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    res = evaluate_many(other, tok, [task], [tok.eos_token_id], batch_size=4)[0]
+    assert kl_to_base(model, model, res, tok.pad_token_id)["kl_to_base_token"] == 0.0
+    got = kl_to_base(model, other, res, tok.pad_token_id, batch_size=2)
+    # brute force: one unpadded sequence at a time, KL summed with Python floats
+    total, count, seqs = 0.0, 0, []
+    for ctx, c, m in zip(res.contexts, res.completions.clone(), res.completion_mask.clone(), strict=True):
+        n = int(m.sum())
+        ids = torch.tensor([ctx + c[:n].tolist()])
+        with torch.no_grad():
+            lb = torch.log_softmax(model(ids).logits[0, len(ctx) - 1 : len(ctx) - 1 + n].double(), -1)
+            lm = torch.log_softmax(other(ids).logits[0, len(ctx) - 1 : len(ctx) - 1 + n].double(), -1)
+        per = [
+            sum(math.exp(a) * (a - b) for a, b in zip(lb[t].tolist(), lm[t].tolist(), strict=True))
+            for t in range(n)
+        ]
+        total, count = total + sum(per), count + n
+        seqs.append(sum(per))
+    assert got["kl_to_base_token"] == pytest.approx(total / count, rel=1e-3)
+    assert got["kl_to_base_seq"] == pytest.approx(sum(seqs) / len(seqs), rel=1e-3)
+    assert got["kl_to_base_token"] > 0

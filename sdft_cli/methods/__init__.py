@@ -2,4 +2,10 @@
 
 from sdft_cli.methods import sdft, sft
 
-METHODS = {"sdft": sdft.train_task, "sft": sft.train_task}
+# offline_distill and dft are configurations of the same two loops (generate_from, token_weighting)
+METHODS = {
+    "sdft": sdft.train_task,
+    "offline_distill": sdft.train_task,
+    "sft": sft.train_task,
+    "dft": sft.train_task,
+}

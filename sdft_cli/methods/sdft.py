@@ -1,6 +1,7 @@
 """SDFT on one task: every optimizer step samples fresh rollouts from the current student (on-policy),
 scores them with the demonstration-conditioned teacher, and distils the teacher's per-token
-distributions into the student. Reads top to bottom; `sft.py` is a copy-modify of this file.
+distributions into the student. With ``generate_from=teacher`` the same loop is offline distillation.
+Reads top to bottom; `sft.py` is a copy-modify of this file.
 """
 
 from __future__ import annotations
@@ -11,20 +12,31 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdft_cli.chunked import distill_terms, fused_loss, sampled_logprobs
 from sdft_cli.config import SDFTConfig
+from sdft_cli.divergence import k3
 from sdft_cli.logger import Timer, TokenMeans, append_jsonl
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
-from sdft_cli.models import inference_dtype
-from sdft_cli.objective import DIVERGENCES, aggregate, entropy, loss_mask
+from sdft_cli.models import autocast, inference_dtype
+from sdft_cli.objective import importance_weights, loss_mask, token_weights
 from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, inference_copy, sync_weights
-from sdft_cli.score import completion_logits, teacher_score
+from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.tasks import Task, encode_messages, resolve_teacher_template, student_messages, teacher_messages
 from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, step_seed, steps_per_task
+
+
+def use_importance_sampling(cfg: SDFTConfig, backend: str, temperature: float) -> bool:
+    """TIS is on when asked, or (auto) when another engine than the trainer samples the rollouts
+    (and they are sampled at all: greedy rollouts have no sampler probabilities to correct)."""
+    if cfg.importance_sampling == "on":
+        return True
+    return cfg.importance_sampling == "auto" and backend != "hf" and temperature > 0
 
 
 def train_task(ctx: TrainContext, task: Task) -> Path:
     cfg: SDFTConfig = ctx.method  # type: ignore[assignment]
     student, tok = ctx.model, ctx.tokenizer
+    spec = cfg.spec()
     timer = Timer()
 
     # ---------------------------------------------------------------- contexts, tokenised once
@@ -35,14 +47,18 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         encode_messages(tok, teacher_messages(ex.prompt, ex.demonstration or "", template, system))
         for ex in task.train
     ]
+    tis = use_importance_sampling(cfg, ctx.rollout.backend, ctx.rollout.temperature)
     sampling = Sampling(
         max_new_tokens=ctx.rollout.max_new_tokens or task.cfg.max_new_tokens,
         temperature=ctx.rollout.temperature,
         top_p=ctx.rollout.top_p,
         top_k=ctx.rollout.top_k,
         batch_size=ctx.rollout.batch_size,
+        logprobs=tis,
     )
     generate = ROLLOUT_BACKENDS[ctx.rollout.backend]
+    on_policy = cfg.generate_from == "student"
+    sample_ctx = student_ctx if on_policy else teacher_ctx
 
     # ---------------------------------------------------------------- optimizer, teacher, resume
     total = steps_per_task(cfg, len(task.train))
@@ -51,10 +67,15 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     # The teacher starts from the current student (the previous task's result), not the hub base.
     teacher = Teacher(cfg.teacher, student, cfg.ema_alpha)
     state = resume(ctx, teacher, opt, sched, total)
-    engine = inference_copy(student, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
+    sampler = student if on_policy else teacher.model
+    engine = inference_copy(sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
+    device = next(student.parameters()).device
+    head_s, head_params = output_head(student)
+    head_t, _ = output_head(teacher.model)
+    terms = distill_terms(spec)
 
     bar = tqdm(
-        total=total, initial=state.step, desc=f"sdft {task.name}", disable=not ctx.progress, leave=False
+        total=total, initial=state.step, desc=f"{cfg.name} {task.name}", disable=not ctx.progress, leave=False
     )
     while state.step < total:
         t_step = time.perf_counter()
@@ -63,41 +84,68 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         # ------------------------------------------------------------ rollout: the student samples
         torch.manual_seed(step_seed(ctx.seed, ctx.stage, state.step))
         with timer("rollout"):
-            sync_weights(engine, student)
+            sync_weights(engine, sampler)
             ro = generate(
-                engine, tok, [student_ctx[i] for i in idx], sampling, ctx.eos_ids, ctx.autocast_dtype
+                engine, tok, [sample_ctx[i] for i in idx], sampling, ctx.eos_ids, ctx.autocast_dtype
             )
         lmask = loss_mask(ro.completion_mask, cfg.skip_first_tokens)
         normalizer = float(len(idx)) if cfg.aggregation == "seq_mean" else float(lmask.sum())
 
         # ------------------------------------------------------------ score + update, per micro-batch
-        step_loss, tokens = 0.0, TokenMeans()
+        step_loss, tokens, is_w = 0.0, TokenMeans(), []
         for start in range(0, len(idx), cfg.micro_batch_size):
             mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
             width = max(1, int(ro.completion_mask[mb].sum(-1).max()))  # trim shared right padding
             comp, cmask, lm = ro.completion_ids[mb, :width], ro.completion_mask[mb, :width], lmask[mb, :width]
-            with timer("score"):
-                t_logits = teacher_score(
-                    teacher.model,
-                    [teacher_ctx[idx[j]] for j in mb],
-                    comp,
-                    cmask,
-                    ctx.pad_id,
-                    ctx.autocast_dtype,
-                )
+            # completion tokens (up to EOS), flattened row by row: the loss sees only these
+            sel = cmask.bool().to(device)
+            targets = comp.to(device)[sel]
+            seq_ids = torch.arange(len(mb), device=device).unsqueeze(-1).expand(sel.shape)[sel]
+            with timer("score"), torch.no_grad():
+                t_ctx = [teacher_ctx[idx[j]] for j in mb]
+                h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[
+                    sel
+                ]
             with timer("update"):
-                s_logits = completion_logits(
-                    student, [student_ctx[idx[j]] for j in mb], comp, cmask, ctx.pad_id, ctx.autocast_dtype
-                )
-                per_token = DIVERGENCES[cfg.divergence](s_logits, t_logits)
-                loss = aggregate(per_token, lm, cfg.aggregation, normalizer)
-                loss.backward()
+                s_ctx = [student_ctx[idx[j]] for j in mb]
+                h_s = completion_hidden(student, s_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
+                weights = token_weights(lm, cfg.aggregation, normalizer).to(device)
+                if tis:  # one truncated importance weight per sequence, from the sampler's log-probs
+                    with autocast(ctx.autocast_dtype, device):
+                        lp = sampled_logprobs(
+                            h_s.detach(), head_s, targets, sampling.temperature, cfg.loss_chunk_size
+                        )
+                    lp_train = torch.zeros(sel.shape, device=device).masked_scatter(sel, lp)
+                    lp_sampler = ro.logprobs[mb, :width].to(device)
+                    w_seq = importance_weights(lp_train, lp_sampler, lm.to(device), cfg.is_cap)
+                    weights = weights * w_seq.unsqueeze(-1)
+                    is_w.append(w_seq.cpu())
+                with autocast(ctx.autocast_dtype, device):
+                    out = fused_loss(
+                        h_s,
+                        head_s,
+                        head_params,
+                        h_t,
+                        head_t,
+                        targets,
+                        weights[sel],
+                        terms,
+                        cfg.loss_chunk_size,
+                        seq_ids,
+                        rb=spec.estimator == "rb",
+                    )
+                out.loss.backward()
             with torch.no_grad():
-                step_loss += float(loss)
-                tokens.add(cfg.divergence, per_token.detach(), lm)  # the per-token divergence, token mean
-                tokens.add("entropy_student", entropy(s_logits.detach()), cmask.float())
-                tokens.add("entropy_teacher", entropy(t_logits), cmask.float())
-            del t_logits, s_logits, per_token, loss
+                step_loss += float(out.loss)
+                st = {k: v.cpu() for k, v in out.stats.items()}
+                on_loss = lm[sel.cpu()]
+                on_comp = torch.ones_like(on_loss)
+                tokens.add("divergence", st["value"], on_loss)  # the per-token divergence, token mean
+                tokens.add("k3", k3(st["logp_student"], st["logp_teacher"]), on_loss)
+                tokens.add("entropy_student", st["entropy_student"], on_comp)
+                tokens.add("entropy_teacher", st["entropy_teacher"], on_comp)
+                tokens.add("masked_frac", 1.0 - on_loss, on_comp)
+            del h_t, h_s, out
 
         # ------------------------------------------------------------ optimizer step, then the EMA teacher
         with timer("optim"):
@@ -126,6 +174,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             **timer.pop(),
             "time/step": round(time.perf_counter() - t_step, 4),
         }
+        if is_w:
+            w = torch.cat(is_w)
+            record.update({"train/is_min": float(w.min()), "train/is_mean": float(w.mean())})
+            record["train/is_max"] = float(w.max())
         record["train/tokens_per_s"] = round(sum(lengths) / max(record.get("time/rollout", 1e-9), 1e-9), 2)
         ctx.logger.log(record)
         for i in range(min(cfg.log_samples, len(idx))):
@@ -133,9 +185,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         bar.update(1)
         bar.set_postfix(
             loss=f"{step_loss:.3f}",
-            kl=f"{stats[cfg.divergence]:.3f}",
+            div=f"{stats['divergence']:.3f}",
             len=f"{record['train/completion_len_mean']:.0f}",
         )
         maybe_checkpoint(ctx, teacher, opt, sched, state)
     bar.close()
-    return save_final(ctx.train_dir, student, tok, {"method": "sdft", "task": task.name, "steps": total})
+    info = {"method": cfg.name, "task": task.name, "steps": total}
+    return save_final(ctx.train_dir, student, tok, info, teacher if cfg.save_teacher else None)

@@ -1,5 +1,6 @@
 """SFT on one task: next-token NLL on the expert demonstrations (off-policy), through the same loop,
-batches, schedule, checkpoints and logs as `sdft.py`, of which this file is a copy-modify.
+batches, schedule, checkpoints and logs as `sdft.py`, of which this file is a copy-modify. With
+``token_weighting=prob`` it is DFT (each token's NLL scaled by its detached probability).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdft_cli.chunked import fused_loss, nll_terms
 from sdft_cli.config import SFTConfig
 from sdft_cli.logger import Timer, TokenMeans
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
-from sdft_cli.objective import aggregate, entropy, token_nll
-from sdft_cli.score import completion_logits
+from sdft_cli.models import autocast
+from sdft_cli.objective import token_weights
+from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.tasks import Task, encode_messages, encode_target, student_messages
 from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
 
@@ -38,9 +41,12 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     opt, sched = build_optimizer(student, cfg.optim, total)
     no_teacher = Teacher("live", student, 1.0)  # SFT has no teacher; checkpoints hold none
     state = resume(ctx, no_teacher, opt, sched, total)
+    device = next(student.parameters()).device
+    head, head_params = output_head(student)
+    terms = nll_terms(cfg.token_weighting)
 
     bar = tqdm(
-        total=total, initial=state.step, desc=f"sft {task.name}", disable=not ctx.progress, leave=False
+        total=total, initial=state.step, desc=f"{cfg.name} {task.name}", disable=not ctx.progress, leave=False
     )
     while state.step < total:
         t_step = time.perf_counter()
@@ -61,18 +67,30 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
             w = max(1, int(cmask_all[mb].sum(-1).max()))
             c, cmask = comp[mb, :w], cmask_all[mb, :w]
+            sel = cmask.bool().to(device)
             with timer("update"):
-                s_logits = completion_logits(
-                    student, [student_ctx[idx[j]] for j in mb], c, cmask, ctx.pad_id, ctx.autocast_dtype
-                )
-                per_token = token_nll(s_logits, c.to(s_logits.device))
-                loss = aggregate(per_token, cmask.float(), cfg.aggregation, normalizer)
-                loss.backward()
+                s_ctx = [student_ctx[idx[j]] for j in mb]
+                h = completion_hidden(student, s_ctx, c, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
+                weights = token_weights(cmask.float(), cfg.aggregation, normalizer).to(device)[sel]
+                with autocast(ctx.autocast_dtype, device):
+                    out = fused_loss(
+                        h,
+                        head,
+                        head_params,
+                        None,
+                        None,
+                        c.to(device)[sel],
+                        weights,
+                        terms,
+                        cfg.loss_chunk_size,
+                    )
+                out.loss.backward()
             with torch.no_grad():
-                step_loss += float(loss)
-                tokens.add("nll", per_token.detach(), cmask.float())
-                tokens.add("entropy_student", entropy(s_logits.detach()), cmask.float())
-            del s_logits, per_token, loss
+                step_loss += float(out.loss)
+                ones = torch.ones(int(sel.sum()))
+                tokens.add("nll", out.stats["value"].cpu(), ones)
+                tokens.add("entropy_student", out.stats["entropy_student"].cpu(), ones)
+            del h, out
 
         # ------------------------------------------------------------ optimizer step
         with timer("optim"):
@@ -104,4 +122,4 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         bar.set_postfix(loss=f"{step_loss:.3f}")
         maybe_checkpoint(ctx, no_teacher, opt, sched, state)
     bar.close()
-    return save_final(ctx.train_dir, student, tok, {"method": "sft", "task": task.name, "steps": total})
+    return save_final(ctx.train_dir, student, tok, {"method": cfg.name, "task": task.name, "steps": total})

@@ -1,0 +1,237 @@
+"""Token losses fused with the output projection, computed in chunks of tokens.
+
+A full-vocabulary loss written naively holds ``[tokens, vocab]`` logits for both models, their
+log-softmaxes and their gradients at once (the usual out-of-memory in distillation trainers). Here the
+student's final hidden states ``[N, H]`` go in, and for each chunk of tokens the logits are formed,
+the per-token terms computed, and the gradient with respect to the chunk's hidden states and the
+output head taken right away (``torch.autograd.grad`` on the chunk); only those gradients are kept.
+The backward pass then scales them by the incoming gradient. Values and gradients are those of the
+naive computation (``naive_loss``), peak memory grows with ``chunk_size``, and no logits are computed
+twice.
+
+The loss is ``sum_n w_n * loss_n`` (the weights fold in masks, aggregation and importance weights).
+For the Rao-Blackwellised estimator, add ``sum_n c_n * log p_S(y_n)`` with
+``c_n = sum_{t > n, same sequence} w_t * value_t``; chunks run from the last token backwards so that
+every ``c_n`` is known when its chunk is processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sdft_cli.divergence import DivergenceSpec, TokenTerms, token_terms
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+TermFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], TokenTerms]
+
+STAT_FIELDS = ("value", "logp_student", "logp_teacher", "entropy_student", "entropy_teacher")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]  # per token, constants
+
+
+def distill_terms(spec: DivergenceSpec) -> TermFn:
+    def fn(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> TokenTerms:
+        assert t is not None, "distillation needs teacher logits"
+        return token_terms(s, t, y, spec)
+
+    return fn
+
+
+def nll_terms(weighting: str = "none") -> TermFn:
+    """SFT: -log p(y); ``weighting=prob`` multiplies by the detached p(y) (DFT)."""
+
+    def fn(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> TokenTerms:
+        log_s = torch.log_softmax(s.float() if s.dtype != torch.float64 else s, dim=-1)
+        lp = log_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        loss = -lp * lp.detach().exp() if weighting == "prob" else -lp
+        with torch.no_grad():
+            p = log_s.exp()
+            ent = -torch.where(p > 0, p * log_s, torch.zeros_like(p)).sum(-1)
+        zero = torch.zeros_like(lp).detach()
+        return TokenTerms(loss, (-lp).detach(), lp, zero, ent, zero)
+
+    return fn
+
+
+def rb_coefficients(
+    values: torch.Tensor, weights: torch.Tensor, seq_ids: torch.Tensor, carry: torch.Tensor
+) -> torch.Tensor:
+    """c_n = carry[seq_n] + sum of w_t * value_t over later tokens of the same sequence in this chunk.
+
+    ``seq_ids`` is non-decreasing (tokens flattened row by row); ``carry`` holds, per sequence, the sum
+    over tokens in later chunks and is updated in place.
+    """
+    v = weights * values
+    carry_v = carry[seq_ids].to(v.dtype)
+    suffix = v.flip(0).cumsum(0).flip(0)  # inclusive suffix sums over the chunk
+    ext = torch.cat([suffix, suffix.new_zeros(1)])
+    last = torch.searchsorted(seq_ids, seq_ids, right=True) - 1  # last chunk index of each token's sequence
+    c = suffix - v - ext[last + 1] + carry_v
+    carry.index_add_(0, seq_ids, v.to(carry.dtype))
+    return c
+
+
+def _chunk_loss(terms: TokenTerms, weights, seq_ids, carry, rb: bool) -> torch.Tensor:
+    loss = (weights * terms.loss).sum()
+    if rb:
+        c = rb_coefficients(terms.value, weights, seq_ids, carry)
+        loss = loss + (c * terms.logp_student).sum()
+    return loss
+
+
+@dataclass
+class LinearHead:
+    """``post(h @ weight.T + bias)``: an output projection, optionally followed by an elementwise map
+    (logit scaling, soft-capping). Its linear part lets the chunked loss form the weight gradient with
+    one in-place ``addmm`` per chunk instead of a weight-sized temporary."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def linear(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h, self.weight, self.bias)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.linear(h)
+        return self.post(z) if self.post is not None else z
+
+
+def _teacher_logits(teacher, teacher_head, sl):
+    if teacher is None:
+        return None
+    return teacher[sl] if teacher_head is None else teacher_head(teacher[sl])
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, teacher, targets, weights, seq_ids, setup, *params):  # noqa: D102
+        head, teacher_head, term_fn, chunk, rb, n_seqs = setup
+        n = h.shape[0]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        linear = isinstance(head, LinearHead)
+        grad_h = torch.zeros_like(h, dtype=acc)
+        grad_p = [torch.zeros_like(p, dtype=acc) for p in params]
+        stats = {k: torch.zeros(n, dtype=acc, device=h.device) for k in STAT_FIELDS}
+        total = torch.zeros((), dtype=acc, device=h.device)
+        carry = torch.zeros(n_seqs, dtype=torch.float64, device=h.device)
+        amp = torch.is_autocast_enabled(h.device.type)
+        for s in reversed(range(0, n, chunk)):  # backwards: the rb coefficients need later tokens first
+            sl = slice(s, min(s + chunk, n))
+            with torch.no_grad():
+                t_logits = _teacher_logits(teacher, teacher_head, sl)
+            if linear:
+                # gradient w.r.t. the pre-activation logits z only; h and the weight get it by matmuls
+                hc = h[sl].detach()
+                with torch.no_grad():
+                    z = head.linear(hc)
+                z.requires_grad_(True)
+                with torch.enable_grad():
+                    logits = head.post(z) if head.post is not None else z
+                    terms = term_fn(logits, t_logits, targets[sl])
+                    loss = _chunk_loss(terms, weights[sl], seq_ids[sl], carry, rb)
+                    (gz,) = torch.autograd.grad(loss, [z])
+                with torch.no_grad():
+                    w = head.weight
+                    gz_ = gz.to(w.dtype) if not amp else gz
+                    grad_h[sl] = (gz_ @ w).to(acc)
+                    for buf, p in zip(grad_p, params, strict=True):
+                        if p is head.weight:
+                            if amp:  # the autocast dtype's matmul, as autograd would use
+                                buf += gz.T @ hc
+                            else:
+                                buf.addmm_(gz.T.to(acc), hc.to(acc))
+                        elif p is head.bias:
+                            buf += gz.sum(0).to(acc)
+                del z, gz, logits
+            else:
+                hc = h[sl].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    terms = term_fn(head(hc), t_logits, targets[sl])
+                    loss = _chunk_loss(terms, weights[sl], seq_ids[sl], carry, rb)
+                    grads = torch.autograd.grad(loss, [hc, *params], allow_unused=True)
+                grad_h[sl] = grads[0]
+                for buf, g in zip(grad_p, grads[1:], strict=True):
+                    if g is not None:
+                        buf += g
+                del grads
+            total += loss.detach().to(acc)
+            for k in STAT_FIELDS:
+                stats[k][sl] = getattr(terms, k).detach().to(acc)
+            del terms, loss, t_logits
+        grad_p = [g.to(p.dtype) for g, p in zip(grad_p, params, strict=True)]
+        ctx.save_for_backward(grad_h.to(h.dtype), *grad_p)
+        out = [stats[k] for k in STAT_FIELDS]
+        ctx.mark_non_differentiable(*out)
+        return (total, *out)
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):  # noqa: D102
+        # in place: the saved gradients are used once, and a weight-sized copy is what chunking avoids
+        grads = [g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
+        return (grads[0], None, None, None, None, None, *grads[1:])
+
+
+def fused_loss(
+    h: torch.Tensor,
+    head: Head,
+    head_params: list[torch.Tensor],
+    teacher: torch.Tensor | None,
+    teacher_head: Head | None,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    term_fn: TermFn,
+    chunk_size: int,
+    seq_ids: torch.Tensor | None = None,
+    rb: bool = False,
+) -> LossOutput:
+    """``sum_n w_n loss_n`` (+ the rb term) over ``N`` tokens without holding ``[N, V]`` logits.
+
+    ``h``: the student's final hidden states ``[N, H]``; ``head(h)`` gives logits. ``teacher``: the
+    teacher's hidden states (with ``teacher_head``) or its logits ``[N, V]`` (``teacher_head=None``),
+    or None for SFT-style terms. ``head_params``: the head's trainable tensors, which receive gradients.
+    ``chunk_size <= 0`` computes everything at once through plain autograd (``naive_loss``). With a
+    ``LinearHead`` the weight gradient is accumulated in place chunk by chunk; any other callable works
+    through ``torch.autograd.grad`` on each chunk (a weight-sized temporary per chunk).
+    """
+    if seq_ids is None:
+        seq_ids = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    if chunk_size <= 0:
+        return naive_loss(h, head, teacher, teacher_head, targets, weights, term_fn, seq_ids, rb)
+    n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
+    setup = (head, teacher_head, term_fn, chunk_size, rb, n_seqs)
+    params = [p for p in head_params if p.requires_grad]
+    total, *stats = _FusedLoss.apply(h, teacher, targets, weights, seq_ids, setup, *params)
+    return LossOutput(total, dict(zip(STAT_FIELDS, stats, strict=True)))
+
+
+def naive_loss(h, head, teacher, teacher_head, targets, weights, term_fn, seq_ids, rb) -> LossOutput:
+    """The same loss with full ``[N, V]`` logits held through autograd (reference and benchmark)."""
+    with torch.no_grad():
+        t_logits = _teacher_logits(teacher, teacher_head, slice(None))
+    terms = term_fn(head(h), t_logits, targets)
+    n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
+    carry = torch.zeros(n_seqs, dtype=torch.float64, device=h.device)
+    loss = _chunk_loss(terms, weights, seq_ids, carry, rb)
+    return LossOutput(loss, {k: getattr(terms, k).detach() for k in STAT_FIELDS})
+
+
+@torch.no_grad()
+def sampled_logprobs(
+    h: torch.Tensor, head: Head, targets: torch.Tensor, temperature: float, chunk_size: int
+) -> torch.Tensor:
+    """log softmax(head(h) / temperature)[target] per token, chunk by chunk (no gradient)."""
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    step = chunk_size if chunk_size > 0 else max(h.shape[0], 1)
+    for s in range(0, h.shape[0], step):
+        logits = head(h[s : s + step]).float() / temperature
+        lp = torch.log_softmax(logits, dim=-1)
+        out[s : s + step] = lp.gather(-1, targets[s : s + step].unsqueeze(-1)).squeeze(-1)
+    return out

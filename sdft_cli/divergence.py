@@ -1,0 +1,167 @@
+"""Per-token distillation terms on logits: divergence x support x estimator, as one pure function.
+
+Conventions (``docs/objective.md`` has the derivations):
+
+- ``forward``: KL(p_T || p_S) = sum_v p_T (log p_T - log p_S), the paper's numbers.
+- ``reverse``: KL(p_S || p_T), the paper's text.
+- ``jsd``: generalized JSD with mixture M = beta p_T + (1 - beta) p_S,
+  JSD_beta = beta KL(p_T || M) + (1 - beta) KL(p_S || M) (GKD, TRL). beta = 0 is *defined* as forward
+  KL and beta = 1 as reverse KL; these are the limits of JSD_beta / beta and JSD_beta / (1 - beta).
+- Support ``full``: the whole vocabulary. ``topk``: the k ids of the student's or teacher's largest
+  logits; both distributions are either renormalised over them (``tail=renorm``) or get a (k+1)-th
+  bucket holding the remaining mass (``tail=bucket``).
+- Estimator ``analytic``: the divergence itself (its gradient is exact per token). ``sampled``: the
+  score-function estimator of reverse KL on the sampled token y, surrogate sg(l_S - l_T) * l_S with
+  l = log p(y); its value is reported as the k1 estimate l_S - l_T. ``rb``: analytic reverse KL plus
+  the Rao-Blackwellised score term (see ``chunked.rb_coefficients``).
+- Both models' logits are divided by the same ``temperature`` before the softmax.
+
+The teacher side is always constant (no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCE_NAMES = ("forward", "reverse", "jsd")
+SUPPORTS = ("full", "topk")
+ESTIMATORS = ("analytic", "sampled", "rb")
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    divergence: str = "forward"
+    beta: float = 0.5
+    support: str = "full"
+    topk: int = 100
+    topk_source: str = "teacher"
+    tail: str = "renorm"
+    estimator: str = "analytic"
+    temperature: float = 1.0
+
+    def check(self) -> None:
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(f"divergence must be one of {DIVERGENCE_NAMES}, got {self.divergence!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.topk_source not in ("student", "teacher"):
+            raise ValueError(f"topk_source must be student or teacher, got {self.topk_source!r}")
+        if self.tail not in ("renorm", "bucket"):
+            raise ValueError(f"tail must be renorm or bucket, got {self.tail!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.estimator in ("sampled", "rb") and self.divergence != "reverse":
+            raise ValueError(f"estimator={self.estimator} estimates reverse KL; set divergence=reverse")
+        if self.estimator == "sampled" and self.support != "full":
+            raise ValueError("estimator=sampled uses the sampled token only; set support=full")
+
+    @property
+    def effective_divergence(self) -> str:
+        """jsd at an end point is exactly one of the KLs."""
+        if self.divergence == "jsd" and self.beta == 0.0:
+            return "forward"
+        if self.divergence == "jsd" and self.beta == 1.0:
+            return "reverse"
+        return self.divergence
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log p - log q) over the last dim, with 0 * log 0 = 0 (-inf logits are allowed)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def entropy_from_logp(log_p: torch.Tensor) -> torch.Tensor:
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+
+
+def _divergence(log_s: torch.Tensor, log_t: torch.Tensor, name: str, beta: float) -> torch.Tensor:
+    if name == "forward":
+        return kl(log_t, log_s)
+    if name == "reverse":
+        return kl(log_s, log_t)
+    # mixture in log space: log(beta p_T + (1 - beta) p_S)
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
+    return beta * kl(log_t, log_m) + (1.0 - beta) * kl(log_s, log_m)
+
+
+def restrict(log_p: torch.Tensor, idx: torch.Tensor, tail: str) -> torch.Tensor:
+    """A full log-distribution restricted to ids ``idx``: renormalised, or with a tail bucket appended.
+
+    The bucket's log-mass is a log-sum-exp over the other ids (exact even when it is tiny, unlike
+    log(1 - top mass)); with k >= V it is empty and holds probability 0.
+    """
+    top = log_p.gather(-1, idx)
+    if tail == "renorm":
+        return top - torch.logsumexp(top, dim=-1, keepdim=True)
+    floor = torch.finfo(log_p.dtype).min  # finite stand-in for -inf: keeps gradients of empty tails at 0
+    rest = log_p.scatter(-1, idx, float("-inf")).clamp(min=floor)
+    bucket = torch.logsumexp(rest, dim=-1, keepdim=True)
+    bucket = torch.where(bucket < floor / 2, torch.full_like(bucket, float("-inf")), bucket)
+    return torch.cat([top, bucket], dim=-1)
+
+
+@dataclass
+class TokenTerms:
+    """Per-token outputs: ``loss`` carries the gradient; the rest are constants for logging."""
+
+    loss: torch.Tensor  # the surrogate whose gradient is the estimator
+    value: torch.Tensor  # the divergence (or its sampled estimate) per token
+    logp_student: torch.Tensor  # log p_S(y) of the sampled token (temperature applied; differentiable)
+    logp_teacher: torch.Tensor  # log p_T(y)
+    entropy_student: torch.Tensor
+    entropy_teacher: torch.Tensor
+
+
+def token_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    spec: DivergenceSpec,
+) -> TokenTerms:
+    """Distillation terms for ``[..., V]`` logits and ``[...]`` sampled tokens.
+
+    Computed in float32 (or float64 if given float64). The ``rb`` score term couples tokens of a
+    sequence and is added by the caller (it needs ``value`` of later tokens).
+    """
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_s = F.log_softmax(student_logits.to(dtype) / spec.temperature, dim=-1)
+    with torch.no_grad():
+        log_t = F.log_softmax(teacher_logits.to(dtype) / spec.temperature, dim=-1)
+        ent_t = entropy_from_logp(log_t)
+        ent_s = entropy_from_logp(log_s.detach())
+    lp_s = log_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    if spec.estimator == "sampled":
+        delta = (lp_s - lp_t).detach()
+        loss = delta * lp_s
+        value = delta
+    else:
+        a, b = log_s, log_t
+        if spec.support == "topk":
+            with torch.no_grad():
+                source = log_s if spec.topk_source == "student" else log_t
+                idx = source.topk(min(spec.topk, source.shape[-1]), dim=-1).indices
+            a, b = restrict(log_s, idx, spec.tail), restrict(log_t, idx, spec.tail)
+        loss = _divergence(a, b, spec.effective_divergence, spec.beta)
+        value = loss.detach()
+    # log p_S(y) keeps its gradient: the rb estimator's score term is built on it
+    return TokenTerms(loss, value, lp_s, lp_t, ent_s, ent_t)
+
+
+def k3(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(p_S || p_T) on tokens sampled from p_S: r - 1 - log r, r = p_T / p_S."""
+    log_r = logp_teacher - logp_student
+    return torch.expm1(log_r) - log_r
