@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sdft_cli.divergence import kl
+from sdft_cli.models import autocast
 from sdft_cli.rollout import Sampling, generate_hf
-from sdft_cli.score import completion_logits
+from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.scorers import get_scorer
 from sdft_cli.tasks import Task, encode_messages, student_messages, teacher_messages
 
@@ -102,45 +103,41 @@ def kl_to_base(
     model,
     result: EvalResult,
     pad_id: int,
-    batch_size: int = 8,
+    batch_size: int = 32,
     autocast_dtype: torch.dtype | None = None,
+    chunk_tokens: int = 256,
 ) -> dict:
     """RL's Razor's forgetting predictor: forward KL(pi_0 || pi) from the base model, per token over the
     full vocabulary, on the evaluated model's own greedy completions of the task's test prompts.
 
-    Returns the mean per completion token and the mean per sequence of its summed KL (nats).
+    Both models stop at their final hidden states; vocabulary-sized logits exist for ``chunk_tokens``
+    tokens at a time. Returns the mean per completion token and the mean per sequence of its summed KL
+    (nats).
     """
     assert result.completions is not None and result.completion_mask is not None
     comps, masks = result.completions.clone(), result.completion_mask.clone()  # out of inference mode
-    token_sum, tokens, seq_sums = 0.0, 0.0, []
+    head_b, _ = output_head(base)
+    head_m, _ = output_head(model)
+    device = next(model.parameters()).device
+    seq_sums: list[float] = []
     for s in range(0, len(result.contexts), batch_size):
         ctx = result.contexts[s : s + batch_size]
         width = max(1, int(masks[s : s + batch_size].sum(-1).max()))
         c, m = comps[s : s + batch_size, :width], masks[s : s + batch_size, :width]
-        lb = completion_logits(base, ctx, c, m, pad_id, autocast_dtype).float()
-        lm = completion_logits(model, ctx, c, m, pad_id, autocast_dtype).float()
-        per = kl(torch.log_softmax(lb, -1), torch.log_softmax(lm, -1)).cpu() * m
-        token_sum += float(per.sum())
-        tokens += float(m.sum())
-        seq_sums += per.sum(-1).tolist()
+        sel = m.bool().to(device)
+        hb = completion_hidden(base, ctx, c, m, pad_id, autocast_dtype)[sel]
+        hm = completion_hidden(model, ctx, c, m, pad_id, autocast_dtype)[sel]
+        per = torch.empty(hb.shape[0], dtype=torch.float32)
+        with autocast(autocast_dtype, device):
+            for t in range(0, hb.shape[0], chunk_tokens):
+                lb = torch.log_softmax(head_b(hb[t : t + chunk_tokens]).float(), -1)
+                lm = torch.log_softmax(head_m(hm[t : t + chunk_tokens]).float(), -1)
+                per[t : t + chunk_tokens] = kl(lb, lm).cpu()
+        rows = torch.zeros(m.shape, dtype=torch.float32).masked_scatter(m.bool(), per)
+        seq_sums += rows.sum(-1).tolist()
+    tokens = float(masks.sum())
     return {
-        "kl_to_base_token": token_sum / max(tokens, 1.0),
+        "kl_to_base_token": sum(seq_sums) / max(tokens, 1.0),
         "kl_to_base_seq": sum(seq_sums) / max(len(seq_sums), 1),
         "n": len(seq_sums),
     }
-
-
-def evaluate(
-    model,
-    tokenizer,
-    task: Task,
-    eos_ids: list[int],
-    batch_size: int = 32,
-    autocast_dtype=None,
-    teacher_template: str | None = None,
-    progress=None,
-) -> EvalResult:
-    """One task (see ``evaluate_many``)."""
-    return evaluate_many(
-        model, tokenizer, [task], eos_ids, batch_size, autocast_dtype, teacher_template, progress
-    )[0]

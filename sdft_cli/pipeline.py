@@ -230,7 +230,8 @@ class Run:
         if stage > 0 and self.cfg.eval.kl_to_base and stage_task in self.tasks:
             new = next(r for r in results if r.task == stage_task)
             base = self.base_engine(next(model.parameters()).device)
-            diag = kl_to_base(base, engine, new, self.tokenizer.pad_token_id, autocast_dtype=self.amp)  # type: ignore[attr-defined]
+            pad = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
+            diag = kl_to_base(base, engine, new, pad, self.cfg.eval.batch_size, self.amp)
             atomic_write_json(out_dir / "diagnostics.json", {"task": stage_task, **diag})
         self.logger.log(
             {
