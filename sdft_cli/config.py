@@ -9,7 +9,7 @@ narrowest slice they need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
@@ -165,44 +165,24 @@ class SDFTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("method.divergence", self.divergence, ("forward", "reverse", "jsd"))
-        _choice("method.support", self.support, ("full", "topk"))
-        _choice("method.topk_source", self.topk_source, ("teacher", "student"))
-        _choice("method.topk_tail", self.topk_tail, ("renorm", "bucket"))
-        _choice("method.estimator", self.estimator, ("analytic", "sampled", "rb"))
+        try:
+            self.spec().check()  # the objective's own rules, one place
+        except ValueError as e:
+            raise ConfigError(f"method.{e}") from None
         _choice("method.teacher", self.teacher, ("ema", "frozen", "live"))
         _choice("method.generate_from", self.generate_from, ("student", "teacher"))
         _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
         _nonneg("method.skip_first_tokens", self.skip_first_tokens)
-        _positive("method.topk", self.topk)
-        _positive("method.temperature", self.temperature)
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ConfigError(f"method.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
         if self.is_cap < 1.0:
             raise ConfigError(f"method.is_cap must be >= 1, got {self.is_cap}")
-        if self.estimator in ("sampled", "rb") and self.divergence != "reverse":
-            raise ConfigError(
-                f"method.estimator={self.estimator} estimates reverse KL; set method.divergence=reverse"
-            )
-        if self.estimator == "sampled" and self.support != "full":
-            raise ConfigError("method.estimator=sampled uses only the sampled token; set method.support=full")
 
     def spec(self):
-        """The per-token objective as the loss code takes it."""
+        """The per-token objective as the loss code takes it (same field names)."""
         from sdft_cli.divergence import DivergenceSpec
 
-        return DivergenceSpec(
-            divergence=self.divergence,
-            beta=self.jsd_beta,
-            support=self.support,
-            topk=self.topk,
-            topk_source=self.topk_source,
-            tail=self.topk_tail,
-            estimator=self.estimator,
-            temperature=self.temperature,
-        )
+        return DivergenceSpec(**{f.name: getattr(self, f.name) for f in fields(DivergenceSpec)})
 
 
 @dataclass

@@ -8,8 +8,8 @@ Conventions (``docs/objective.md`` has the derivations):
   JSD_beta = beta KL(p_T || M) + (1 - beta) KL(p_S || M) (GKD, TRL). beta = 0 is *defined* as forward
   KL and beta = 1 as reverse KL; these are the limits of JSD_beta / beta and JSD_beta / (1 - beta).
 - Support ``full``: the whole vocabulary. ``topk``: the k ids of the student's or teacher's largest
-  logits; both distributions are either renormalised over them (``tail=renorm``) or get a (k+1)-th
-  bucket holding the remaining mass (``tail=bucket``).
+  logits; both distributions are either renormalised over them (``topk_tail=renorm``) or get a (k+1)-th
+  bucket holding the remaining mass (``topk_tail=bucket``).
 - Estimator ``analytic``: the divergence itself (its gradient is exact per token). ``sampled``: the
   score-function estimator of reverse KL on the sampled token y, surrogate sg(l_S - l_T) * l_S with
   l = log p(y); its value is reported as the k1 estimate l_S - l_T. ``rb``: analytic reverse KL plus
@@ -35,42 +35,43 @@ ESTIMATORS = ("analytic", "sampled", "rb")
 @dataclass(frozen=True)
 class DivergenceSpec:
     divergence: str = "forward"
-    beta: float = 0.5
+    jsd_beta: float = 0.5
     support: str = "full"
     topk: int = 100
     topk_source: str = "teacher"
-    tail: str = "renorm"
+    topk_tail: str = "renorm"
     estimator: str = "analytic"
     temperature: float = 1.0
 
     def check(self) -> None:
-        if self.divergence not in DIVERGENCE_NAMES:
-            raise ValueError(f"divergence must be one of {DIVERGENCE_NAMES}, got {self.divergence!r}")
-        if self.support not in SUPPORTS:
-            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        """Raise ValueError naming the field (the config layer prefixes ``method.``)."""
+        choices = {
+            "divergence": DIVERGENCE_NAMES,
+            "support": SUPPORTS,
+            "estimator": ESTIMATORS,
+            "topk_source": ("teacher", "student"),
+            "topk_tail": ("renorm", "bucket"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {self.topk}")
-        if self.topk_source not in ("student", "teacher"):
-            raise ValueError(f"topk_source must be student or teacher, got {self.topk_source!r}")
-        if self.tail not in ("renorm", "bucket"):
-            raise ValueError(f"tail must be renorm or bucket, got {self.tail!r}")
+            raise ValueError(f"topk must be > 0, got {self.topk}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.estimator in ("sampled", "rb") and self.divergence != "reverse":
             raise ValueError(f"estimator={self.estimator} estimates reverse KL; set divergence=reverse")
         if self.estimator == "sampled" and self.support != "full":
-            raise ValueError("estimator=sampled uses the sampled token only; set support=full")
+            raise ValueError("estimator=sampled uses only the sampled token; set support=full")
 
     @property
     def effective_divergence(self) -> str:
         """jsd at an end point is exactly one of the KLs."""
-        if self.divergence == "jsd" and self.beta == 0.0:
+        if self.divergence == "jsd" and self.jsd_beta == 0.0:
             return "forward"
-        if self.divergence == "jsd" and self.beta == 1.0:
+        if self.divergence == "jsd" and self.jsd_beta == 1.0:
             return "reverse"
         return self.divergence
 
@@ -154,8 +155,8 @@ def token_terms(
             with torch.no_grad():
                 source = log_s if spec.topk_source == "student" else log_t
                 idx = source.topk(min(spec.topk, source.shape[-1]), dim=-1).indices
-            a, b = restrict(log_s, idx, spec.tail), restrict(log_t, idx, spec.tail)
-        loss = _divergence(a, b, spec.effective_divergence, spec.beta)
+            a, b = restrict(log_s, idx, spec.topk_tail), restrict(log_t, idx, spec.topk_tail)
+        loss = _divergence(a, b, spec.effective_divergence, spec.jsd_beta)
         value = loss.detach()
     # log p_S(y) keeps its gradient: the rb estimator's score term is built on it
     return TokenTerms(loss, value, lp_s, lp_t, ent_s, ent_t)

@@ -57,10 +57,10 @@ def test_run_subdir_sanitises():
         (["task=nonexistent"], "unknown task 'nonexistent' (available: facts, mcq, toolcall)"),
         (["method=nope"], "unknown method 'nope'"),
         (["method.optim.lr=-1"], "method.optim.lr must be > 0"),
-        (["method.divergence=kl"], "method.divergence='kl' is not one of"),
+        (["method.divergence=kl"], "method.divergence='kl' is not one of forward, reverse, jsd"),
         (
             ["method.estimator=sampled"],
-            "method.estimator=sampled estimates reverse KL; set method.divergence=reverse",
+            "method.estimator=sampled estimates reverse KL; set divergence=reverse",
         ),
         (
             ["method.divergence=reverse", "method.estimator=sampled", "method.support=topk"],

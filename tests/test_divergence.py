@@ -132,8 +132,8 @@ def ref_token(s_row, t_row, y, spec):
     if spec.support == "topk":
         src = s_row if spec.topk_source == "student" else t_row
         ids = ref_topk_ids(src, spec.topk)
-        a, b = ref_restrict(p_s, ids, spec.tail), ref_restrict(p_t, ids, spec.tail)
-    loss = ref_div(a, b, spec.divergence, spec.beta)
+        a, b = ref_restrict(p_s, ids, spec.topk_tail), ref_restrict(p_t, ids, spec.topk_tail)
+    loss = ref_div(a, b, spec.divergence, spec.jsd_beta)
     out["loss"] = loss
     out["value"] = loss.detach()
     return out
@@ -152,10 +152,10 @@ def rows_of(x):
 DIVS = [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
 SUPPORTS = [
     ("full", dict(support="full")),
-    ("topk-student-renorm", dict(support="topk", topk=K, topk_source="student", tail="renorm")),
-    ("topk-student-bucket", dict(support="topk", topk=K, topk_source="student", tail="bucket")),
-    ("topk-teacher-renorm", dict(support="topk", topk=K, topk_source="teacher", tail="renorm")),
-    ("topk-teacher-bucket", dict(support="topk", topk=K, topk_source="teacher", tail="bucket")),
+    ("topk-student-renorm", dict(support="topk", topk=K, topk_source="student", topk_tail="renorm")),
+    ("topk-student-bucket", dict(support="topk", topk=K, topk_source="student", topk_tail="bucket")),
+    ("topk-teacher-renorm", dict(support="topk", topk=K, topk_source="teacher", topk_tail="renorm")),
+    ("topk-teacher-bucket", dict(support="topk", topk=K, topk_source="teacher", topk_tail="bucket")),
 ]
 TEMPS = [1.0, 0.7]
 
@@ -173,7 +173,7 @@ def _cases():
                 for neg in (False, True):
                     if neg and not _finite_with_teacher_zero(div, beta):
                         continue
-                    spec = DivergenceSpec(divergence=div, beta=beta, temperature=tau, **sup)
+                    spec = DivergenceSpec(divergence=div, jsd_beta=beta, temperature=tau, **sup)
                     tag = "-teacher_neginf" if neg else ""
                     cid = f"{div}{'' if div != 'jsd' else beta}-{sup_name}-T{tau}{tag}"
                     cases.append(pytest.param(spec, neg, id=cid))
@@ -249,7 +249,12 @@ for _k in (1, V, 100):
                 EDGE_K.append(
                     pytest.param(
                         DivergenceSpec(
-                            divergence=_div, beta=_beta, support="topk", topk=_k, topk_source=_src, tail=_tail
+                            divergence=_div,
+                            jsd_beta=_beta,
+                            support="topk",
+                            topk=_k,
+                            topk_source=_src,
+                            topk_tail=_tail,
                         ),
                         id=f"{_div}-k{_k}-{_src}-{_tail}",
                     )
@@ -263,14 +268,14 @@ def test_token_terms_topk_edge_sizes(spec):
     terms = _check_token_terms(spec, s, t, y, g)
     if spec.topk >= V:
         # the support is the whole vocabulary: the same numbers as support=full
-        full = DivergenceSpec(divergence=spec.divergence, beta=spec.beta)
+        full = DivergenceSpec(divergence=spec.divergence, jsd_beta=spec.jsd_beta)
         assert_close(terms.value, token_terms(s, t, y, full).value)
-    if spec.topk == 1 and spec.tail == "renorm":
+    if spec.topk == 1 and spec.topk_tail == "renorm":
         assert_close(terms.value, torch.zeros_like(terms.value))
 
 
 def test_token_terms_float32_input_matches_float64_reference():
-    spec = DivergenceSpec(divergence="jsd", beta=0.3, temperature=0.7)
+    spec = DivergenceSpec(divergence="jsd", jsd_beta=0.3, temperature=0.7)
     s, t, y, _ = _make_logits((3, 4), seed=5, neg_inf=False)
     terms = token_terms(s.float(), t.float(), y, spec)
     assert terms.value.dtype == torch.float32
@@ -301,16 +306,20 @@ def test_jsd_limits(sup, tau):
     ).reshape(3, 4)
 
     eps = 1e-5
-    lo = token_terms(s, t, y, DivergenceSpec(divergence="jsd", beta=eps, temperature=tau, **sup)).value
-    hi = token_terms(s, t, y, DivergenceSpec(divergence="jsd", beta=1.0 - eps, temperature=tau, **sup)).value
+    lo = token_terms(s, t, y, DivergenceSpec(divergence="jsd", jsd_beta=eps, temperature=tau, **sup)).value
+    hi = token_terms(
+        s, t, y, DivergenceSpec(divergence="jsd", jsd_beta=1.0 - eps, temperature=tau, **sup)
+    ).value
     assert_close(lo / eps, fwd, rtol=1e-3, atol=1e-8)
     assert_close(hi / eps, rev, rtol=1e-3, atol=1e-8)
     # and the end points themselves are the KLs exactly
     assert_close(
-        token_terms(s, t, y, DivergenceSpec(divergence="jsd", beta=0.0, temperature=tau, **sup)).value, fwd
+        token_terms(s, t, y, DivergenceSpec(divergence="jsd", jsd_beta=0.0, temperature=tau, **sup)).value,
+        fwd,
     )
     assert_close(
-        token_terms(s, t, y, DivergenceSpec(divergence="jsd", beta=1.0, temperature=tau, **sup)).value, rev
+        token_terms(s, t, y, DivergenceSpec(divergence="jsd", jsd_beta=1.0, temperature=tau, **sup)).value,
+        rev,
     )
 
 
@@ -421,7 +430,9 @@ def test_fused_loss_vs_brute_force(spec, neg_inf):
 
 
 def test_fused_loss_with_teacher_head():
-    spec = DivergenceSpec(divergence="jsd", beta=0.3, support="topk", topk=K, tail="bucket", temperature=0.7)
+    spec = DivergenceSpec(
+        divergence="jsd", jsd_beta=0.3, support="topk", topk=K, topk_tail="bucket", temperature=0.7
+    )
     h, w_head, _, targets, weights = _fused_data(seed=3, neg_inf=False)
     g = torch.Generator().manual_seed(4)
     t_hidden = torch.randn(N_TOK, H_DIM, generator=g, dtype=DT)
@@ -601,17 +612,17 @@ def test_nll_fused_vs_brute_force(weighting):
         dict(divergence="tv"),
         dict(support="nucleus"),
         dict(estimator="k3"),
-        dict(divergence="jsd", beta=-0.1),
-        dict(divergence="jsd", beta=1.5),
+        dict(divergence="jsd", jsd_beta=-0.1),
+        dict(divergence="jsd", jsd_beta=1.5),
         dict(support="topk", topk=0),
         dict(support="topk", topk_source="both"),
-        dict(support="topk", tail="drop"),
+        dict(support="topk", topk_tail="drop"),
         dict(temperature=0.0),
         dict(temperature=-1.0),
         dict(divergence="forward", estimator="sampled"),
         dict(divergence="jsd", estimator="sampled"),
         dict(divergence="forward", estimator="rb"),
-        dict(divergence="jsd", beta=1.0, estimator="rb"),
+        dict(divergence="jsd", jsd_beta=1.0, estimator="rb"),
         dict(divergence="reverse", estimator="sampled", support="topk"),
     ],
 )
@@ -627,8 +638,8 @@ def test_spec_check_rejects(kwargs):
         dict(divergence="reverse", estimator="sampled"),
         dict(divergence="reverse", estimator="rb"),
         dict(divergence="reverse", estimator="rb", support="topk", topk=5),
-        dict(divergence="jsd", beta=0.0),
-        dict(divergence="jsd", beta=1.0, support="topk", tail="bucket", topk_source="student"),
+        dict(divergence="jsd", jsd_beta=0.0),
+        dict(divergence="jsd", jsd_beta=1.0, support="topk", topk_tail="bucket", topk_source="student"),
         dict(temperature=0.5),
     ],
 )
