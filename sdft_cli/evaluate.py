@@ -141,3 +141,19 @@ def kl_to_base(
         "kl_to_base_seq": sum(seq_sums) / max(len(seq_sums), 1),
         "n": len(seq_sums),
     }
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    eos_ids: list[int],
+    batch_size: int = 32,
+    autocast_dtype=None,
+    teacher_template: str | None = None,
+    progress=None,
+) -> EvalResult:
+    """One task (see ``evaluate_many``)."""
+    return evaluate_many(
+        model, tokenizer, [task], eos_ids, batch_size, autocast_dtype, teacher_template, progress
+    )[0]
