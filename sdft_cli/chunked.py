@@ -143,13 +143,10 @@ class _FusedLoss(torch.autograd.Function):
                     gz_ = gz.to(w.dtype) if not amp else gz
                     grad_h[sl] = (gz_ @ w).to(acc)
                     for buf, p in zip(grad_p, params, strict=True):
-                        if p is head.weight:
-                            if amp:  # the autocast dtype's matmul, as autograd would use
-                                buf += gz.T @ hc
-                            else:
-                                buf.addmm_(gz.T.to(acc), hc.to(acc))
+                        if p is head.weight:  # accumulated in place, in the accumulator's precision
+                            buf.addmm_(gz.T.to(acc), hc.to(acc))
                         elif p is head.bias:
-                            buf += gz.sum(0).to(acc)
+                            buf += gz.to(acc).sum(0)
                 del z, gz, logits
             else:
                 hc = h[sl].detach().requires_grad_(True)
@@ -175,6 +172,9 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *_):  # noqa: D102
         # in place: the saved gradients are used once, and a weight-sized copy is what chunking avoids
+        if getattr(ctx, "used", False):
+            raise RuntimeError("the fused loss supports one backward pass (no retain_graph)")
+        ctx.used = True
         grads = [g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
         return (grads[0], None, None, None, None, None, *grads[1:])
 

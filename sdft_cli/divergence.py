@@ -77,14 +77,19 @@ class DivergenceSpec:
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """sum_v p (log p - log q) over the last dim, with 0 * log 0 = 0 (-inf logits are allowed)."""
+    """sum_v p (log p - log q) over the last dim, with 0 * log 0 = 0 (-inf logits are allowed).
+
+    The mask is applied to the log-ratio before the product, so masked entries get zero gradient
+    rather than 0 * inf = NaN.
+    """
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * diff).sum(-1)
 
 
 def entropy_from_logp(log_p: torch.Tensor) -> torch.Tensor:
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return -(p * torch.where(p > 0, log_p, torch.zeros_like(p))).sum(-1)
 
 
 def _divergence(log_s: torch.Tensor, log_t: torch.Tensor, name: str, beta: float) -> torch.Tensor:
@@ -93,7 +98,9 @@ def _divergence(log_s: torch.Tensor, log_t: torch.Tensor, name: str, beta: float
     if name == "reverse":
         return kl(log_s, log_t)
     # mixture in log space: log(beta p_T + (1 - beta) p_S)
-    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
+    # (-inf rows of both models are floored so that logsumexp's gradient stays finite there)
+    parts = torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)])
+    log_m = torch.logsumexp(parts.clamp(min=torch.finfo(parts.dtype).min), dim=0)
     return beta * kl(log_t, log_m) + (1.0 - beta) * kl(log_s, log_m)
 
 

@@ -168,10 +168,11 @@ class Run:
     base_path: Path | None = None
     _base: torch.nn.Module | None = None
 
-    def base_engine(self, device) -> torch.nn.Module:
-        """The base model in the evaluation dtype, loaded once (for the KL-to-base diagnostic)."""
+    def base_engine(self) -> torch.nn.Module:
+        """The base model in the evaluation dtype, loaded once on the CPU (for the KL-to-base diagnostic;
+        it visits the accelerator only while that runs)."""
         if self._base is None:
-            base = load_model(self.base_path, self.cfg.model.dtype, device)
+            base = load_model(self.base_path, self.cfg.model.dtype, torch.device("cpu"))
             self._base = inference_copy(base, inference_dtype(self.cfg.eval.dtype, self.amp))
             self._base.requires_grad_(False)
         return self._base
@@ -229,9 +230,11 @@ class Run:
         diag = {}
         if stage > 0 and self.cfg.eval.kl_to_base and stage_task in self.tasks:
             new = next(r for r in results if r.task == stage_task)
-            base = self.base_engine(next(model.parameters()).device)
+            device = next(model.parameters()).device
+            base = self.base_engine().to(device)
             pad = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
             diag = kl_to_base(base, engine, new, pad, self.cfg.eval.batch_size, self.amp)
+            base.to("cpu")
             atomic_write_json(out_dir / "diagnostics.json", {"task": stage_task, **diag})
         self.logger.log(
             {

@@ -96,7 +96,7 @@ class _TokenLogprobs:
 
     def take(self, tokens: torch.Tensor) -> None:
         if self.pending is not None:
-            self.out.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float().cpu())
+            self.out.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float())
             self.pending = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def generate_hf(
                 )
             if recorder is not None:
                 recorder.take(seq[:, -1])
-                batch_lp = torch.stack(recorder.out, dim=1) if recorder.out else None
+                batch_lp = torch.stack(recorder.out, dim=1).cpu() if recorder.out else None  # one transfer
             for row, i in enumerate(idx):
                 outs[i] = seq[row, ids.shape[1] :].cpu()
                 if recorder is not None and batch_lp is not None:

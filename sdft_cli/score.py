@@ -74,15 +74,18 @@ def output_head(model) -> tuple[LinearHead, list[torch.nn.Parameter]]:
     """The model's hidden-to-logits map (incl. logit scaling/soft-capping where a family has it) and its
     trainable tensors (the embedding matrix when it is tied)."""
     lm_head = model.get_output_embeddings()
-    cfg = model.config
-    scale = getattr(cfg, "logit_scale", None)
-    cap = getattr(cfg, "final_logit_softcapping", None)
+    cfg = getattr(model.config, "text_config", None) or model.config
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: multiplied
+    divisor = getattr(cfg, "logits_scaling", None)  # Granite: divided
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
     post = None
-    if scale is not None or cap is not None:
+    if scale is not None or divisor is not None or cap is not None:
 
         def post(z: torch.Tensor) -> torch.Tensor:
             if scale is not None:
                 z = z * scale
+            if divisor is not None:
+                z = z / divisor
             if cap is not None:
                 z = torch.tanh(z / cap) * cap
             return z

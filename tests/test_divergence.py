@@ -669,3 +669,25 @@ def test_linear_head_with_softcapping_and_bias_equals_the_callable_path():
         results.append((out.loss, *torch.autograd.grad(out.loss, [hc, wc, bc])))
     for a, c in zip(*results, strict=True):
         assert_close(a, c, msg="linear head path differs from the callable path")
+
+
+@pytest.mark.parametrize("div,beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
+def test_vocabulary_rows_masked_in_both_models_drop_out_with_finite_gradients(div, beta):
+    """Rows at -inf in student and teacher (a masked vocabulary) behave as if absent: same value and
+    gradient as the reduced vocabulary, zero (not NaN) gradient on the masked row."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (4,), generator=g)
+    spec = DivergenceSpec(divergence=div, jsd_beta=beta)
+    full_s = torch.cat([s, torch.full((4, 1), float("-inf"), dtype=torch.float64)], -1).requires_grad_(True)
+    full_t = torch.cat([t, torch.full((4, 1), float("-inf"), dtype=torch.float64)], -1)
+    red_s = s.clone().requires_grad_(True)
+    got = token_terms(full_s, full_t, y, spec).loss
+    want = token_terms(red_s, t, y, spec).loss
+    assert_close(got, want, msg="masked row changes the value")
+    (g_full,) = torch.autograd.grad(got.sum(), [full_s])
+    (g_red,) = torch.autograd.grad(want.sum(), [red_s])
+    assert torch.isfinite(g_full).all()
+    assert_close(g_full[:, :7], g_red, msg="masked row changes the gradient")
+    assert (g_full[:, 7] == 0).all()
