@@ -35,11 +35,6 @@ def token_weights(mask: torch.Tensor, mode: str, normalizer: float) -> torch.Ten
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
-    """``sum(per_token * token_weights(...))``."""
-    return (per_token * token_weights(mask, mode, normalizer)).sum()
-
-
 def importance_weights(
     logp_train: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor, cap: float
 ) -> torch.Tensor:

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from sdft_cli.objective import aggregate, importance_weights, loss_mask, token_weights
+from sdft_cli.objective import importance_weights, loss_mask, token_weights
+
+
+def aggregate(per, mask, mode, normalizer):
+    """The step-loss share of a micro-batch, as the training loops form it."""
+    return (per * token_weights(mask, mode, normalizer)).sum()
 
 
 def test_loss_mask_skips_first_tokens_and_keeps_padding_out():
