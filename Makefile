@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run smoke test test-all test-slow lint fmt data docs-config clean
+.PHONY: help install run smoke toy test test-all test-slow lint fmt data docs-config clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ run:  ## the embedded default: `sdft run` (SmolLM2-135M, 3 bundled tasks, SDFT; 
 
 smoke:  ## seconds-long end-to-end run on a tiny random model
 	$(BIN)/sdft run experiment=smoke
+
+toy:  ## the toy-world comparison: SDFT vs SFT, 3 seeds, comparison report (docs/toy_world.md)
+	$(BIN)/sdft run experiment=toy_world
 
 test:  ## the test suite CI runs (CPU, offline; slow and GPU tests excluded); "no tests" fails
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q; rc=$$?; \

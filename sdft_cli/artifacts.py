@@ -195,6 +195,9 @@ class RunLayout:
     def base_eval(self) -> Path:
         return self.root / "t00_base" / "eval"
 
+    def preconditions(self) -> Path:
+        return self.root / "t00_base" / "preconditions"
+
     def train(self, index: int, task: str) -> Path:
         return self.stage_root(index, task) / "train"
 

@@ -5,6 +5,7 @@ sdft show [OVERRIDES...]     print the composed config
 sdft ls [GROUP]              list config groups and their options
 sdft validate                compose and type-check every option and experiment
 sdft matrix RUN_DIR          print a run's forgetting matrix and metrics
+sdft compare SWEEP_DIR       compare the runs of a sweep: mean and 95% CI over seeds per method
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def ls_(
 def validate() -> None:
     """Compose every option of every group (and every experiment) and type-check it."""
     from sdft_cli.compose import GROUPS, compose, conf_dir
+    from sdft_cli.config import METHOD_SCHEMAS
 
     root = conf_dir()
     failures = 0
@@ -191,6 +193,18 @@ def validate() -> None:
             except SdftError as e:
                 failures += 1
                 typer.echo(f"FAIL  {override}: {e}")
+    for f in sorted((root / "experiment_method").glob("*.yaml")):
+        # <experiment>_<method>.yaml: the experiment's settings for one method, composed together
+        exp, method = next(
+            ((f.stem[: -len(m) - 1], m) for m in METHOD_SCHEMAS if f.stem.endswith(f"_{m}")), (f.stem, "")
+        )
+        overrides = [f"experiment={exp}", f"method={method}"]
+        try:
+            compose(overrides)
+            typer.echo(f"ok    {' '.join(overrides)}")
+        except SdftError as e:
+            failures += 1
+            typer.echo(f"FAIL  experiment_method/{f.name}: {e}")
     if failures:
         _fail(f"{failures} config(s) failed to compose", code=1)
     typer.echo("all configs compose and type-check")
@@ -214,6 +228,23 @@ def matrix(
         typer.echo(json.dumps(data, indent=2))
     else:
         print_matrix(data)
+
+
+@app.command()
+def compare(
+    sweep_dir: Path = typer.Argument(..., help="A sweep directory (runs below it contain matrix.json)."),
+) -> None:
+    """Compare the runs of a sweep: runs that differ only in seed form a group; mean and 95% CI.
+
+    Writes comparison.md and comparison.json into SWEEP_DIR and prints the markdown.
+    """
+    from sdft_cli.compare import write_report
+
+    try:
+        path = write_report(sweep_dir)
+    except SdftError as e:
+        _fail(str(e))
+    typer.echo(path.read_text())
 
 
 def main() -> None:

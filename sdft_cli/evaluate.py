@@ -106,26 +106,33 @@ def kl_to_base(
     batch_size: int = 32,
     autocast_dtype: torch.dtype | None = None,
     chunk_tokens: int = 256,
+    base_contexts: list[list[int]] | None = None,
 ) -> dict:
     """RL's Razor's forgetting predictor: forward KL(pi_0 || pi) from the base model, per token over the
     full vocabulary, on the evaluated model's own greedy completions of the task's test prompts.
 
+    ``base_contexts`` (default: the evaluated contexts) are what the base model reads before the same
+    completions: the student prompts when the evaluated "model" is the teacher context (paper Sec. 3.2).
+
     Both models stop at their final hidden states; vocabulary-sized logits exist for ``chunk_tokens``
     tokens at a time. Returns the mean per completion token and the mean per sequence of its summed KL
-    (nats).
+    (nats), and the reverse direction KL(pi || pi_0) per token (``kl_model_base_token``), the one the
+    SDFT paper's Sec. 3.2 reports, which on the model's own samples estimates the sequence-level KL.
     """
     assert result.completions is not None and result.completion_mask is not None
     comps, masks = result.completions.clone(), result.completion_mask.clone()  # out of inference mode
     head_b, _ = output_head(base)
     head_m, _ = output_head(model)
     device = next(model.parameters()).device
+    base_contexts = result.contexts if base_contexts is None else base_contexts
     seq_sums: list[float] = []
+    reverse = 0.0
     for s in range(0, len(result.contexts), batch_size):
         ctx = result.contexts[s : s + batch_size]
         width = max(1, int(masks[s : s + batch_size].sum(-1).max()))
         c, m = comps[s : s + batch_size, :width], masks[s : s + batch_size, :width]
         sel = m.bool().to(device)
-        hb = completion_hidden(base, ctx, c, m, pad_id, autocast_dtype)[sel]
+        hb = completion_hidden(base, base_contexts[s : s + batch_size], c, m, pad_id, autocast_dtype)[sel]
         hm = completion_hidden(model, ctx, c, m, pad_id, autocast_dtype)[sel]
         per = torch.empty(hb.shape[0], dtype=torch.float32)
         with autocast(autocast_dtype, device):
@@ -133,12 +140,14 @@ def kl_to_base(
                 lb = torch.log_softmax(head_b(hb[t : t + chunk_tokens]).float(), -1)
                 lm = torch.log_softmax(head_m(hm[t : t + chunk_tokens]).float(), -1)
                 per[t : t + chunk_tokens] = kl(lb, lm).cpu()
+                reverse += float(kl(lm, lb).sum())
         rows = torch.zeros(m.shape, dtype=torch.float32).masked_scatter(m.bool(), per)
         seq_sums += rows.sum(-1).tolist()
     tokens = float(masks.sum())
     return {
         "kl_to_base_token": sum(seq_sums) / max(tokens, 1.0),
         "kl_to_base_seq": sum(seq_sums) / max(len(seq_sums), 1),
+        "kl_model_base_token": reverse / max(tokens, 1.0),
         "n": len(seq_sums),
     }
 

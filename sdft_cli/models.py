@@ -90,6 +90,10 @@ def resolve_model_dir(cfg: ModelConfig) -> Path | str:
     if cfg.source == "tiny_random":
         key = hashlib.sha1(json.dumps(asdict(cfg.tiny), sort_keys=True).encode()).hexdigest()[:12]
         return build_tiny_model(cache_dir() / "models" / f"tiny-random-{key}", cfg.tiny)
+    if cfg.source == "toy_world":
+        from sdft_cli.toy import pretrain
+
+        return pretrain.build(cache_dir() / "models" / f"toy-world-{pretrain.cache_key(cfg.toy)}", cfg.toy)
     raise ConfigError(f"model.source={cfg.source!r} is not supported")
 
 

@@ -50,6 +50,7 @@ from sdft_cli.models import (
     resolve_device,
     resolve_model_dir,
 )
+from sdft_cli.preconditions import check_demonstrations, measure, print_table
 from sdft_cli.report import load_matrix, print_matrix, write_matrix
 from sdft_cli.rollout import inference_copy
 from sdft_cli.tasks import Task, check_lengths, load_task, resolve_teacher_template
@@ -177,6 +178,40 @@ class Run:
             self._base.requires_grad_(False)
         return self._base
 
+    def teacher_templates(self) -> dict[str, str]:
+        """Each task's teacher template (the method's, when it sets one, applies to every task)."""
+        method = getattr(self.cfg.method, "teacher_template", None)
+        return {n: resolve_teacher_template(method, t.cfg.teacher_template) for n, t in self.tasks.items()}
+
+    def precondition_stage(self, out_dir: Path, model) -> None:
+        """Student vs teacher accuracy and the teacher's KL from the base, on the base model (row 0)."""
+        t0 = time.perf_counter()
+        student = {c["eval_task"]: c["value"] for c in read_json(self.layout.base_eval() / "results.json")}
+        engine = inference_copy(model, inference_dtype(self.cfg.eval.dtype, self.amp))
+        rows = measure(
+            engine,
+            self.tokenizer,
+            list(self.tasks.values()),
+            self.teacher_templates(),
+            student,
+            self.eos,
+            self.cfg.eval.batch_size,
+            self.amp,
+            out_dir,
+        )
+        self.logger.log(
+            {
+                "stage": 0,
+                "event": "preconditions",
+                "time/preconditions": round(time.perf_counter() - t0, 3),
+                **{f"preconditions/{n}/{k}": r[k] for n, r in rows.items() for k in ("teacher", "student")},
+                **{
+                    f"preconditions/{n}/teacher_kl_to_base": r["teacher_kl_to_base_token"]
+                    for n, r in rows.items()
+                },
+            }
+        )
+
     def train_stage(self, index: int, name: str, model) -> None:
         """Train on task ``index``; the method writes checkpoints, the final model and the manifest."""
         ctx = TrainContext(
@@ -252,12 +287,19 @@ class Run:
         names = list(self.tasks)
         dirs = [self.layout.base_eval()] + [self.layout.eval(i, n) for i, n in enumerate(names, 1)]
         cells = [c for d in dirs if is_complete(d) for c in read_json(d / "results.json")]
-        kl = {
-            f"{i}:{n}": read_json(d / "diagnostics.json")["kl_to_base_token"]
+        diags = {
+            f"{i}:{n}": read_json(d / "diagnostics.json")
             for i, (n, d) in enumerate(zip(names, dirs[1:], strict=True), start=1)
             if is_complete(d) and (d / "diagnostics.json").is_file()
         }
-        write_matrix(self.layout.root, cells, names, list(self.probes), {**meta, "kl_to_base": kl})
+        kl = {
+            # KL(base || model), RL's Razor's direction, and KL(model || base), the SDFT paper's Sec. 3.2
+            "kl_to_base": {k: d["kl_to_base_token"] for k, d in diags.items()},
+            "kl_model_base": {
+                k: d["kl_model_base_token"] for k, d in diags.items() if "kl_model_base_token" in d
+            },
+        }
+        write_matrix(self.layout.root, cells, names, list(self.probes), {**meta, **kl})
         data = load_matrix(self.layout.root)
         print_matrix(data)
         self.logger.log_matrix(data, self.layout.matrix("png"))
@@ -306,6 +348,8 @@ def run(cfg: Config) -> dict:
             check_lengths(task, tok, context, rollout_tokens, template, None if sdft else eos)
         for probe in probes.values():
             check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
+        if cfg.eval.preconditions:
+            check_demonstrations(list(tasks.values()))
 
         logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
         state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger, base_path=base_path)
@@ -331,6 +375,10 @@ def run(cfg: Config) -> dict:
             if not is_complete(layout.base_eval()):
                 state.eval_stage(layout.base_eval(), 0, "base", model_at(base_path))
             data = state.write_matrix(meta)
+            if cfg.eval.preconditions:
+                if not is_complete(layout.preconditions()):
+                    state.precondition_stage(layout.preconditions(), model_at(base_path))
+                print_table(read_json(layout.preconditions() / "preconditions.json"))
 
             previous = base_path
             for i, name in enumerate(tasks, start=1):

@@ -31,6 +31,8 @@ TEACHER_TEMPLATES = {
         "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
         "Now answer with a response of your own."
     ),
+    # The toy world's (docs/toy_world.md): short, because its model reads one character per token.
+    "toy": "{prompt}\nexample: {demonstration}\nanswer:",
 }
 _PLACEHOLDER = re.compile(r"\{(prompt|demonstration)\}")
 
@@ -128,6 +130,8 @@ def _load_rows(cfg: TaskConfig, split: str, task: str) -> tuple[list[dict], str]
     import datasets
 
     datasets.disable_progress_bars()
+    if cfg.source == "toy":
+        return _toy_rows(cfg, split, task), f"toy world {cfg.path}[{split}]"
     if cfg.source == "hf":
         try:
             ds = datasets.load_dataset(cfg.path, cfg.subset, split=split)
@@ -143,6 +147,23 @@ def _load_rows(cfg: TaskConfig, split: str, task: str) -> tuple[list[dict], str]
             f"task {task}: cannot read {path}: {str(e).splitlines()[0] if str(e) else e}"
         ) from None
     return ds.to_list(), str(path)
+
+
+def _toy_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
+    """A toy-world skill's rows, generated (deterministically) rather than read."""
+    from sdft_cli.toy import world
+
+    if cfg.path not in world.SKILLS:
+        raise ConfigError(
+            f"task {task}: no toy-world skill {cfg.path!r} (available: {', '.join(world.SKILLS)})"
+        )
+    if split not in world.DEFAULT_ROWS:
+        raise ConfigError(f"task {task}: toy-world splits are {', '.join(world.DEFAULT_ROWS)}, not {split!r}")
+    style = cfg.subset or "plain"
+    if style not in world.STYLES:
+        raise ConfigError(f"task {task}: subset (the demonstration style) must be one of {world.STYLES}")
+    limit = cfg.max_train if split == cfg.train_split else cfg.max_test
+    return world.rows(cfg.path, split, limit or world.DEFAULT_ROWS[split], style=style)
 
 
 def _text(row: dict, column: str, task: str, where: str, i: int, required: bool) -> str | None:

@@ -161,7 +161,10 @@ def test_multirun_sweep_gets_one_directory_per_job(tmp_path, tiny_model_dir):
 def test_unknown_task_is_one_clear_line(tmp_path):
     out = sdft("run", "task=nonexistent", f"runs_root={tmp_path}", cwd=tmp_path, check=False)
     assert out.returncode == 2
-    assert out.stderr.strip() == "sdft: error: unknown task 'nonexistent' (available: facts, mcq, toolcall)"
+    assert out.stderr.strip() == (
+        "sdft: error: unknown task 'nonexistent' "
+        "(available: drop, facts, mcq, mirror, odd, shift, swap, toolcall)"
+    )
     assert not any(tmp_path.iterdir())  # nothing started
 
 

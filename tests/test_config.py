@@ -54,7 +54,10 @@ def test_run_subdir_sanitises():
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["task=nonexistent"], "unknown task 'nonexistent' (available: facts, mcq, toolcall)"),
+        (
+            ["task=nonexistent"],
+            "unknown task 'nonexistent' (available: drop, facts, mcq, mirror, odd, shift, swap, toolcall)",
+        ),
         (["method=nope"], "unknown method 'nope'"),
         (["method.optim.lr=-1"], "method.optim.lr must be > 0"),
         (["method.divergence=kl"], "method.divergence='kl' is not one of forward, reverse, jsd"),

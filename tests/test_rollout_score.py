@@ -171,8 +171,8 @@ def test_kl_to_base_is_zero_for_the_base_and_matches_a_brute_force_sum(tiny_mode
     res = evaluate_many(other, tok, [task], [tok.eos_token_id], batch_size=4)[0]
     assert kl_to_base(model, model, res, tok.pad_token_id)["kl_to_base_token"] == 0.0
     got = kl_to_base(model, other, res, tok.pad_token_id, batch_size=2)
-    # brute force: one unpadded sequence at a time, KL summed with Python floats
-    total, count, seqs = 0.0, 0, []
+    # brute force: one unpadded sequence at a time, KL summed with Python floats, both directions
+    total, reverse, count, seqs = 0.0, 0.0, 0, []
     for ctx, c, m in zip(res.contexts, res.completions.clone(), res.completion_mask.clone(), strict=True):
         n = int(m.sum())
         ids = torch.tensor([ctx + c[:n].tolist()])
@@ -183,8 +183,43 @@ def test_kl_to_base_is_zero_for_the_base_and_matches_a_brute_force_sum(tiny_mode
             sum(math.exp(a) * (a - b) for a, b in zip(lb[t].tolist(), lm[t].tolist(), strict=True))
             for t in range(n)
         ]
+        reverse += sum(
+            sum(math.exp(b) * (b - a) for a, b in zip(lb[t].tolist(), lm[t].tolist(), strict=True))
+            for t in range(n)
+        )
         total, count = total + sum(per), count + n
         seqs.append(sum(per))
     assert got["kl_to_base_token"] == pytest.approx(total / count, rel=1e-3)
     assert got["kl_to_base_seq"] == pytest.approx(sum(seqs) / len(seqs), rel=1e-3)
+    assert got["kl_model_base_token"] == pytest.approx(reverse / count, rel=1e-3)
+    assert got["kl_model_base_token"] != pytest.approx(got["kl_to_base_token"], rel=1e-3)
+    assert got["kl_to_base_token"] > 0
+
+
+def test_kl_to_base_reads_the_base_model_on_its_own_contexts(tiny_model, copy_task_dir):
+    """With base_contexts, the base reads other prompts before the same completions (the teacher's KL
+    from the base student, paper Sec. 3.2): equal to a brute force over the two contexts."""
+    from sdft_cli.config import TaskConfig
+    from sdft_cli.evaluate import evaluate_many, kl_to_base
+    from sdft_cli.tasks import TEACHER_TEMPLATES, load_task
+
+    model, tok = tiny_model
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=5))
+    res = evaluate_many(
+        model, tok, [task], [tok.eos_token_id], batch_size=4, teacher_template=TEACHER_TEMPLATES["toy"]
+    )[0]
+    base_ctx = [tok(ex.prompt, add_special_tokens=False)["input_ids"] for ex in task.test]
+    got = kl_to_base(model, model, res, tok.pad_token_id, batch_size=3, base_contexts=base_ctx)
+    total, count = 0.0, 0
+    for ctx, bctx, c, m in zip(
+        res.contexts, base_ctx, res.completions.clone(), res.completion_mask.clone(), strict=True
+    ):
+        n = int(m.sum())
+        with torch.no_grad():
+            lm = model(torch.tensor([ctx + c[:n].tolist()])).logits[0, len(ctx) - 1 : len(ctx) - 1 + n]
+            lb = model(torch.tensor([bctx + c[:n].tolist()])).logits[0, len(bctx) - 1 : len(bctx) - 1 + n]
+        lb, lm = torch.log_softmax(lb.double(), -1), torch.log_softmax(lm.double(), -1)
+        total += float((lb.exp() * (lb - lm)).sum())
+        count += n
+    assert got["kl_to_base_token"] == pytest.approx(total / count, rel=1e-3)
     assert got["kl_to_base_token"] > 0
