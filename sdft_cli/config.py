@@ -32,18 +32,16 @@ class TinyModelConfig:
 
 
 @dataclass
-class ToyWorldConfig:
+class ToyWorldConfig(TinyModelConfig):
     """The toy world's base model (docs/toy_world.md): a Llama pretrained from scratch, cached by hash."""
 
     hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 128
     steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
-    seed: int = 0
     prior_skills: list[str] = field(default_factory=lambda: ["rev", "dup", "sort", "first", "last", "rot"])
     # Shares of the pretraining mix: made-up skill names answered from the demonstration, and prior
     # skills shown in the teacher template; the rest are prior skills from the prompt alone.

@@ -153,11 +153,30 @@ def build_tiny_tokenizer():
     return fast
 
 
+def llama_config(cfg: TinyModelConfig, tok):
+    """A small Llama with tied embeddings sized by ``cfg``, its special ids from ``tok``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
 def build_tiny_model(out: Path, cfg: TinyModelConfig) -> Path:
     """Build (once) a random-weight Llama + byte tokenizer in ``out``, deterministic in the seed."""
     if (out / "config.json").is_file():
         return out
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
@@ -166,21 +185,8 @@ def build_tiny_model(out: Path, cfg: TinyModelConfig) -> Path:
         if (out / "config.json").is_file():
             return out
         tok = build_tiny_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_heads,
-            max_position_embeddings=cfg.max_position_embeddings,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True,
-        )
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(llama_config(cfg, tok))
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

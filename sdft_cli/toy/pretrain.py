@@ -25,6 +25,7 @@ from filelock import FileLock
 from sdft_cli.artifacts import atomic_dir
 from sdft_cli.config import ToyWorldConfig
 from sdft_cli.errors import ConfigError
+from sdft_cli.models import llama_config
 from sdft_cli.tasks import encode_messages, encode_target, student_messages, teacher_messages
 from sdft_cli.toy import world
 
@@ -81,24 +82,12 @@ def batch(rng: random.Random, cfg: ToyWorldConfig, tok, eos: list[int]) -> tuple
 
 def pretrain(cfg: ToyWorldConfig, log=print):
     """Train the base model from scratch; returns (model, tokenizer, stats)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     check(cfg)
     tok = world.build_tokenizer()
     eos = [tok.eos_token_id]
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(cfg, tok)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = LlamaForCausalLM(config)
