@@ -296,6 +296,32 @@ class ColumnsConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The LLM judge's endpoint (``eval.judge``), used by the ``judge_*`` scorers (sdft_cli/judge.py)."""
+
+    # A local vLLM server (`vllm serve MODEL`) or a hosted API, e.g. https://api.openai.com/v1.
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-5-mini"
+    # The environment variable holding the API key (read at run time, never stored).
+    api_key_env: str | None = "OPENAI_API_KEY"
+    # null = not sent (the endpoint's default; GPT-5-mini accepts only its default temperature).
+    temperature: float | None = None
+    max_tokens: int | None = None
+    max_retries: int = 5
+    timeout: float = 60.0
+    # Client-side rate limit (null = none).
+    requests_per_second: float | None = None
+    # The verdict cache (sqlite); null = $SDFT_CACHE/judge/verdicts.sqlite; "" = no cache.
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        _nonneg("eval.judge.max_retries", self.max_retries)
+        _positive("eval.judge.timeout", self.timeout)
+        if self.requests_per_second is not None:
+            _positive("eval.judge.requests_per_second", self.requests_per_second)
+
+
+@dataclass
 class TaskConfig:
     """One task: where its data lives, how it is scored, how long its answers are."""
 
@@ -324,11 +350,33 @@ class TaskConfig:
         from sdft_cli.scorers import SCORERS
 
         _choice(f"{key}.source", self.source, ("bundled", "json", "csv", "parquet", "hf", "toy"))
-        _choice(f"{key}.scorer", self.scorer, tuple(SCORERS))
+        from sdft_cli.judge import JUDGE_SCORERS
+
+        _choice(f"{key}.scorer", self.scorer, (*SCORERS, *JUDGE_SCORERS))
         _positive(f"{key}.max_new_tokens", self.max_new_tokens)
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:
                 _positive(f"{key}.{name}", getattr(self, name))
+
+
+@dataclass
+class PassAtKConfig:
+    """pass@k by sampling (paper: temperature 1.0, top-p 0.95, k up to 128); empty ``k`` = off."""
+
+    k: list[int] = field(default_factory=list)
+    # Samples per prompt (n >= max k); the estimator is unbiased for every k <= n.
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("eval.pass_at_k.n", self.n)
+        if any(not 1 <= k <= self.n for k in self.k):
+            raise ConfigError(f"eval.pass_at_k.k must lie in 1..n={self.n}, got {self.k}")
+        _positive("eval.pass_at_k.temperature", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.pass_at_k.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -348,6 +396,10 @@ class EvalConfig:
     # Before training, the paper's Sec. 3.2 check per task: the base student's accuracy vs the
     # demonstration-conditioned teacher's, and the teacher's KL from the base (preconditions.json).
     preconditions: bool = False
+    # The endpoint of the judge_* scorers (Medical, Knowledge acquisition).
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # After every stage, pass@k on each trained task's test split (pass_at_k.json next to results.json).
+    pass_at_k: PassAtKConfig = field(default_factory=PassAtKConfig)
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)

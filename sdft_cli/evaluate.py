@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdft_cli.config import JudgeConfig, PassAtKConfig
 from sdft_cli.divergence import kl
+from sdft_cli.metrics import pass_at_k as pass_at_k_estimate
 from sdft_cli.models import autocast
 from sdft_cli.rollout import Sampling, generate_hf
 from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.scorers import get_scorer
-from sdft_cli.tasks import Task, encode_messages, student_messages, teacher_messages
+from sdft_cli.tasks import Example, Task, encode_messages, student_messages, teacher_messages
 
 
 @dataclass
@@ -46,6 +48,17 @@ def _contexts(task: Task, tokenizer, teacher_template: str | None) -> list[list[
     return [encode_messages(tokenizer, m) for m in msgs]
 
 
+def task_scorer(task: Task, judge: JudgeConfig | None = None) -> Callable[[Example, str], float]:
+    """``score(example, prediction)`` for the task's scorer; a judge also reads the example's prompt."""
+    from sdft_cli.judge import JUDGE_SCORERS, for_scorer
+
+    if task.cfg.scorer in JUDGE_SCORERS:
+        j = for_scorer(task.cfg.scorer, judge or JudgeConfig())
+        return lambda ex, text: j.score(ex.prompt, ex.answer or "", text)
+    scorer = get_scorer(task.cfg.scorer, f"task.{task.name}.scorer")
+    return lambda ex, text: scorer(text, ex.answer or "")
+
+
 def evaluate_many(
     model,
     tokenizer,
@@ -55,6 +68,7 @@ def evaluate_many(
     autocast_dtype: torch.dtype | None = None,
     teacher_template: str | None = None,
     progress: Callable[[int], None] | None = None,
+    judge: JudgeConfig | None = None,
 ) -> list[EvalResult]:
     """Greedy-decode every test prompt of every task and score it; ``stderr`` is the binomial one.
 
@@ -63,7 +77,7 @@ def evaluate_many(
     """
     results = []
     for task in tasks:
-        scorer = get_scorer(task.cfg.scorer, f"task.{task.name}.scorer")
+        score = task_scorer(task, judge)
         sampling = Sampling(max_new_tokens=task.cfg.max_new_tokens, temperature=0.0, batch_size=batch_size)
         prompts = _contexts(task, tokenizer, teacher_template)
         out = generate_hf(model, tokenizer, prompts, sampling, eos_ids, autocast_dtype, progress)
@@ -73,7 +87,7 @@ def evaluate_many(
                 "prompt": ex.prompt,
                 "answer": ex.answer,
                 "prediction": text,
-                "score": scorer(text, ex.answer or ""),
+                "score": score(ex, text),
                 "truncated": trunc,
             }
             for ex, text, trunc in zip(task.test, out.texts, out.truncated, strict=True)
@@ -149,6 +163,46 @@ def kl_to_base(
         "kl_to_base_seq": sum(seq_sums) / max(len(seq_sums), 1),
         "kl_model_base_token": reverse / max(tokens, 1.0),
         "n": len(seq_sums),
+    }
+
+
+def pass_at_k(
+    model,
+    tokenizer,
+    task: Task,
+    eos_ids: list[int],
+    cfg: PassAtKConfig,
+    batch_size: int = 32,
+    autocast_dtype: torch.dtype | None = None,
+    judge: JudgeConfig | None = None,
+) -> dict:
+    """Sample ``cfg.n`` completions per test prompt and return the unbiased pass@k for each k, with
+    the per-prompt correct counts (a sample is correct when the task's scorer gives it 1)."""
+    score = task_scorer(task, judge)
+    prompts = _contexts(task, tokenizer, None)
+    sampling = Sampling(
+        max_new_tokens=task.cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        batch_size=batch_size,
+    )
+    torch.manual_seed(cfg.seed)
+    out = generate_hf(
+        model, tokenizer, [p for p in prompts for _ in range(cfg.n)], sampling, eos_ids, autocast_dtype
+    )
+    correct = [
+        sum(score(ex, text) >= 1.0 for text in out.texts[i * cfg.n : (i + 1) * cfg.n])
+        for i, ex in enumerate(task.test)
+    ]
+    return {
+        "task": task.name,
+        "n": cfg.n,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "pass_at_k": {
+            str(k): sum(pass_at_k_estimate(cfg.n, c, k) for c in correct) / len(correct) for k in cfg.k
+        },
+        "correct": correct,
     }
 
 

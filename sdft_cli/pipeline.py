@@ -36,7 +36,7 @@ from sdft_cli.artifacts import (
 )
 from sdft_cli.config import Config, SDFTConfig
 from sdft_cli.errors import RunDirError
-from sdft_cli.evaluate import evaluate_many, kl_to_base
+from sdft_cli.evaluate import evaluate_many, kl_to_base, pass_at_k
 from sdft_cli.logger import RunLogger
 from sdft_cli.methods import METHODS
 from sdft_cli.methods.context import TrainContext
@@ -198,6 +198,7 @@ class Run:
             self.cfg.eval.batch_size,
             self.amp,
             out_dir,
+            judge=self.cfg.eval.judge,
         )
         self.logger.log(
             {
@@ -243,7 +244,14 @@ class Run:
         t0 = time.perf_counter()
         engine = inference_copy(model, inference_dtype(self.cfg.eval.dtype, self.amp))
         results = evaluate_many(
-            engine, self.tokenizer, every, self.eos, self.cfg.eval.batch_size, self.amp, progress=bar.update
+            engine,
+            self.tokenizer,
+            every,
+            self.eos,
+            self.cfg.eval.batch_size,
+            self.amp,
+            progress=bar.update,
+            judge=self.cfg.eval.judge,
         )
         bar.close()
         cells = []
@@ -271,6 +279,22 @@ class Run:
             diag = kl_to_base(base, engine, new, pad, self.cfg.eval.batch_size, self.amp)
             base.to("cpu")
             atomic_write_json(out_dir / "diagnostics.json", {"task": stage_task, **diag})
+        passk = []
+        if self.cfg.eval.pass_at_k.k:
+            for task in self.tasks.values():
+                passk.append(
+                    pass_at_k(
+                        engine,
+                        self.tokenizer,
+                        task,
+                        self.eos,
+                        self.cfg.eval.pass_at_k,
+                        self.cfg.eval.batch_size,
+                        self.amp,
+                        self.cfg.eval.judge,
+                    )
+                )
+            atomic_write_json(out_dir / "pass_at_k.json", passk)
         self.logger.log(
             {
                 "stage": stage,
@@ -278,6 +302,7 @@ class Run:
                 "time/eval": round(time.perf_counter() - t0, 3),
                 **{f"eval/{c['eval_task']}/{c['metric']}": c["value"] for c in cells},
                 **({"eval/kl_to_base": diag["kl_to_base_token"]} if diag else {}),
+                **{f"eval/{p['task']}/pass@{k}": v for p in passk for k, v in p["pass_at_k"].items()},
             }
         )
         write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdft_cli.artifacts import atomic_write_json, atomic_write_text, write_jsonl, write_manifest
+from sdft_cli.config import JudgeConfig
 from sdft_cli.errors import DataError
 from sdft_cli.evaluate import evaluate_many, kl_to_base
 from sdft_cli.tasks import Task, encode_messages, student_messages
@@ -43,6 +44,7 @@ def measure(
     batch_size: int,
     autocast_dtype: torch.dtype | None,
     out_dir: Path,
+    judge: JudgeConfig | None = None,
 ) -> dict:
     """Teacher accuracy and KL from the base per task; ``student`` holds row 0's accuracies.
 
@@ -59,6 +61,7 @@ def measure(
             batch_size,
             autocast_dtype,
             teacher_template=templates[task.name],
+            judge=judge,
         )[0]
         base_ctx = [
             encode_messages(tokenizer, student_messages(ex.prompt, task.cfg.system_prompt))

@@ -99,11 +99,21 @@ def tool_call(prediction: str, answer: str) -> float:
     return float(names == gold_names and inputs == gold_inputs)
 
 
+def regex(prediction: str, answer: str) -> float:
+    """The reference is a Python regular expression (or a JSON list of them), searched in the prediction.
+
+    Patterns are compiled when the task loads (``tasks.load_task``), so an invalid one is reported with
+    its row before any work.
+    """
+    return float(any(re.search(pattern, prediction) for pattern in alternatives(answer)))
+
+
 SCORERS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "contains": contains,
     "answer_tag": answer_tag,
     "tool_call": tool_call,
+    "regex": regex,
 }
 
 

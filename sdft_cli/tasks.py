@@ -208,7 +208,23 @@ def load_task(name: str, cfg: TaskConfig, train: bool = True, max_test: int | No
         if not rows:
             raise DataError(f"task {name}: {where} has no rows")
         setattr(task, kind, _examples(rows, cfg, name, where, train=kind == "train"))
+        if kind == "test" and cfg.scorer == "regex":
+            _check_patterns(task, where)
     return task
+
+
+def _check_patterns(task: Task, where: str) -> None:
+    """Every reference of a regex-scored task must compile; name the first row that does not."""
+    from sdft_cli.scorers import alternatives
+
+    for ex in task.test:
+        for pattern in alternatives(ex.answer or ""):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise DataError(
+                    f"task {task.name}: {where} row {ex.index}: invalid regex {pattern!r}: {e}"
+                ) from None
 
 
 def encode_target(tokenizer, messages: list[dict], demonstration: str, eos_ids: list[int]) -> list[int]:

@@ -240,3 +240,22 @@ def test_wandb_offline_logger(tmp_path, tiny_model_dir):
     )
     runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_pass_at_k_is_written_after_every_stage(tmp_path, tiny_model_dir):
+    sdft(
+        "run",
+        *SMOKE,
+        "task=[facts]",
+        "eval.pass_at_k.k=[1,2]",
+        "eval.pass_at_k.n=2",
+        f"runs_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    (run,) = (tmp_path / "smoke").iterdir()
+    for stage in ("t00_base", "t01_facts"):
+        (rec,) = json.loads((run / stage / "eval" / "pass_at_k.json").read_text())
+        assert rec["task"] == "facts" and rec["n"] == 2 and rec["top_p"] == 0.95
+        assert len(rec["correct"]) == 4 and set(rec["pass_at_k"]) == {"1", "2"}
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/facts/pass@2" in r for r in logged)

@@ -255,3 +255,22 @@ def test_bad_shapes_and_stages_raise() -> None:
         M.summarize(W, 3, stage=4)
     with pytest.raises(ValueError):
         M.acc(W, 3, stage=-1)
+
+
+def test_pass_at_k_equals_the_fraction_of_k_subsets_with_a_correct_sample():
+    import itertools
+
+    from sdft_cli.metrics import pass_at_k
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            samples = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(samples, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+    assert pass_at_k(200, 3, 128) == pytest.approx(1 - math.comb(197, 128) / math.comb(200, 128))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)

@@ -223,3 +223,33 @@ def test_kl_to_base_reads_the_base_model_on_its_own_contexts(tiny_model, copy_ta
         count += n
     assert got["kl_to_base_token"] == pytest.approx(total / count, rel=1e-3)
     assert got["kl_to_base_token"] > 0
+
+
+def test_pass_at_k_evaluation_counts_correct_samples(tiny_model, copy_task_dir):
+    """Near-greedy sampling reproduces greedy decoding: with references set to the greedy output for
+    half the prompts, those get n correct samples and the others none; pass@k is the estimator's mean."""
+    import dataclasses
+
+    from sdft_cli.config import PassAtKConfig, TaskConfig
+    from sdft_cli.evaluate import evaluate_many, pass_at_k
+    from sdft_cli.metrics import pass_at_k as estimate
+    from sdft_cli.tasks import load_task
+
+    model, tok = tiny_model
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=4))
+    task.test = task.test + [
+        dataclasses.replace(ex, index=ex.index + 2, prompt=ex.prompt + "!") for ex in task.test
+    ]
+    greedy = evaluate_many(model, tok, [task], [tok.eos_token_id])[0]
+    task.test = [
+        dataclasses.replace(ex, answer=p["prediction"] if i % 2 == 0 else "zzz zzz")
+        for i, (ex, p) in enumerate(zip(task.test, greedy.predictions, strict=True))
+    ]
+    cfg = PassAtKConfig(k=[1, 2, 4], n=4, temperature=1e-6, top_p=1.0)
+    got = pass_at_k(model, tok, task, [tok.eos_token_id], cfg)
+    assert got["correct"] == [4, 0, 4, 0]
+    for k in cfg.k:
+        expected = sum(estimate(4, c, k) for c in got["correct"]) / len(task.test)
+        assert got["pass_at_k"][str(k)] == pytest.approx(expected) == 0.5
+    hot = pass_at_k(model, tok, task, [tok.eos_token_id], PassAtKConfig(k=[1, 8], n=8, temperature=1.0))
+    assert 0.0 <= hot["pass_at_k"]["1"] <= hot["pass_at_k"]["8"] <= 1.0

@@ -58,3 +58,26 @@ def test_parse_tool_calls_merges_inputs():
 def test_unknown_scorer_names_the_key():
     with pytest.raises(ConfigError, match="task.x.scorer='nope'"):
         get_scorer("nope", "task.x.scorer")
+
+
+def test_regex_searches_each_alternative():
+    from sdft_cli.scorers import regex
+
+    assert regex("The call was get_weather(city='Paris')", r"get_weather\(city='Paris'\)") == 1.0
+    assert regex("get_weather(city='Rome')", r"get_weather\(city='Paris'\)") == 0.0
+    assert regex("answer: 42.", '["^answer: 41", "answer: 4[0-9]"]') == 1.0
+    assert regex("", r"^$") == 1.0
+
+
+def test_an_invalid_regex_reference_names_its_row(tmp_path):
+    import json
+
+    from sdft_cli.config import TaskConfig
+    from sdft_cli.errors import DataError
+    from sdft_cli.tasks import load_task
+
+    (tmp_path / "t").mkdir()
+    rows = [{"prompt": "p", "answer": "ok+"}, {"prompt": "p", "answer": "bad(["}]
+    (tmp_path / "t" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"task t: .*test.jsonl row 1: invalid regex 'bad\(\['"):
+        load_task("t", TaskConfig(source="json", path=str(tmp_path / "t"), scorer="regex"), train=False)
