@@ -334,6 +334,8 @@ class TaskConfig:
     train_split: str = "train"
     test_split: str = "test"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # columns: read `columns`; toolalpaca / sciknoweval: the paper's released row formats (formats.py).
+    format: str = "columns"
     scorer: str = "exact_match"
     max_new_tokens: int = 64
     # System message for both student and teacher contexts (null = the model's chat-template default).
@@ -353,6 +355,7 @@ class TaskConfig:
         from sdft_cli.judge import JUDGE_SCORERS
 
         _choice(f"{key}.scorer", self.scorer, (*SCORERS, *JUDGE_SCORERS))
+        _choice(f"{key}.format", self.format, ("columns", "toolalpaca", "sciknoweval"))
         _positive(f"{key}.max_new_tokens", self.max_new_tokens)
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:

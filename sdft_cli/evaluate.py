@@ -20,7 +20,7 @@ from sdft_cli.models import autocast
 from sdft_cli.rollout import Sampling, generate_hf
 from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.scorers import get_scorer
-from sdft_cli.tasks import Example, Task, encode_messages, student_messages, teacher_messages
+from sdft_cli.tasks import Example, Task, encode_messages
 
 
 @dataclass
@@ -38,13 +38,10 @@ class EvalResult:
 
 
 def _contexts(task: Task, tokenizer, teacher_template: str | None) -> list[list[int]]:
-    system = task.cfg.system_prompt
     if teacher_template is None:
-        msgs = [student_messages(ex.prompt, system) for ex in task.test]
+        msgs = [task.student(ex) for ex in task.test]
     else:
-        msgs = [
-            teacher_messages(ex.prompt, ex.demonstration or "", teacher_template, system) for ex in task.test
-        ]
+        msgs = [task.teacher(ex, teacher_template) for ex in task.test]
     return [encode_messages(tokenizer, m) for m in msgs]
 
 

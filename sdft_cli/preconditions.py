@@ -20,7 +20,7 @@ from sdft_cli.artifacts import atomic_write_json, atomic_write_text, write_jsonl
 from sdft_cli.config import JudgeConfig
 from sdft_cli.errors import DataError
 from sdft_cli.evaluate import evaluate_many, kl_to_base
-from sdft_cli.tasks import Task, encode_messages, student_messages
+from sdft_cli.tasks import Task, encode_messages
 
 
 def check_demonstrations(tasks: list[Task]) -> None:
@@ -63,10 +63,7 @@ def measure(
             teacher_template=templates[task.name],
             judge=judge,
         )[0]
-        base_ctx = [
-            encode_messages(tokenizer, student_messages(ex.prompt, task.cfg.system_prompt))
-            for ex in task.test
-        ]
+        base_ctx = [encode_messages(tokenizer, task.student(ex)) for ex in task.test]
         kl = kl_to_base(model, model, res, pad, batch_size, autocast_dtype, base_contexts=base_ctx)
         write_jsonl(out_dir / "predictions" / f"{task.name}.jsonl", res.predictions)
         rows[task.name] = {

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdft_cli.config import TaskConfig
+from sdft_cli.config import ColumnsConfig, TaskConfig
 from sdft_cli.errors import ConfigError, DataError
 
 # The teacher context (paper Sec. 3). `paper` is the official code's string (leading/trailing newline,
@@ -43,6 +43,8 @@ class Example:
     prompt: str
     demonstration: str | None
     answer: str | None
+    # A row's own system message (row formats that carry one); None = the task's system_prompt.
+    system: str | None = None
 
 
 @dataclass
@@ -51,6 +53,16 @@ class Task:
     cfg: TaskConfig
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+
+    def system(self, ex: Example) -> str | None:
+        """The system message of both of ``ex``'s contexts."""
+        return ex.system if ex.system is not None else self.cfg.system_prompt
+
+    def student(self, ex: Example) -> list[dict]:
+        return student_messages(ex.prompt, self.system(ex))
+
+    def teacher(self, ex: Example, template: str) -> list[dict]:
+        return teacher_messages(ex.prompt, ex.demonstration or "", template, self.system(ex))
 
 
 # ----------------------------------------------------------------------------- templates
@@ -186,12 +198,23 @@ def _text(row: dict, column: str, task: str, where: str, i: int, required: bool)
 def _examples(rows: list[dict], cfg: TaskConfig, task: str, where: str, train: bool) -> list[Example]:
     """Validated examples: a training row needs a demonstration, a test row a reference answer."""
     cols = cfg.columns
+    if cfg.format != "columns":
+        from sdft_cli.formats import FORMATS
+
+        cols, adapted = ColumnsConfig(), []
+        for i, r in enumerate(rows):
+            try:
+                adapted.append(FORMATS[cfg.format](r))
+            except DataError as e:
+                raise DataError(f"task {task}: {where} row {i}: {e}") from None
+        rows = adapted
     return [
         Example(
             index=i,
             prompt=_text(r, cols.prompt, task, where, i, True),  # type: ignore[arg-type]
             demonstration=_text(r, cols.demonstration, task, where, i, train),
             answer=_text(r, cols.answer, task, where, i, not train),
+            system=r.get("system") if cfg.format != "columns" else None,
         )
         for i, r in enumerate(rows)
     ]
@@ -260,7 +283,6 @@ def check_lengths(
     with ``target_eos`` (SFT) the prompt plus the demonstration. Test rows: the prompt plus the task's
     ``max_new_tokens``.
     """
-    system = task.cfg.system_prompt
 
     def fail(split: str, ex: Example, what: str, n: int, room: int, why: str) -> None:
         raise DataError(
@@ -269,16 +291,12 @@ def check_lengths(
         )
 
     for ex in task.train:
-        msgs = student_messages(ex.prompt, system)
+        msgs = task.student(ex)
         n = len(encode_messages(tokenizer, msgs))
         if n > context - rollout_tokens:
             fail("train", ex, "prompt", n, context - rollout_tokens, f"max_new_tokens {rollout_tokens}")
         if template is not None:
-            t = len(
-                encode_messages(
-                    tokenizer, teacher_messages(ex.prompt, ex.demonstration or "", template, system)
-                )
-            )
+            t = len(encode_messages(tokenizer, task.teacher(ex, template)))
             if t > context - rollout_tokens:
                 fail(
                     "train",
@@ -293,7 +311,7 @@ def check_lengths(
             if n + d > context:
                 fail("train", ex, "prompt + demonstration", n + d, context, "nothing")
     for ex in task.test:
-        n = len(encode_messages(tokenizer, student_messages(ex.prompt, system)))
+        n = len(encode_messages(tokenizer, task.student(ex)))
         if n > context - task.cfg.max_new_tokens:
             room = context - task.cfg.max_new_tokens
             fail("test", ex, "prompt", n, room, f"max_new_tokens {task.cfg.max_new_tokens}")

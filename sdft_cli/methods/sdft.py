@@ -21,7 +21,7 @@ from sdft_cli.models import autocast, inference_dtype
 from sdft_cli.objective import importance_weights, loss_mask, token_weights
 from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, inference_copy, sync_weights
 from sdft_cli.score import completion_hidden, output_head
-from sdft_cli.tasks import Task, encode_messages, resolve_teacher_template, student_messages, teacher_messages
+from sdft_cli.tasks import Task, encode_messages, resolve_teacher_template
 from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, step_seed, steps_per_task
 
 
@@ -41,12 +41,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
 
     # ---------------------------------------------------------------- contexts, tokenised once
     template = resolve_teacher_template(cfg.teacher_template, task.cfg.teacher_template)
-    system = task.cfg.system_prompt
-    student_ctx = [encode_messages(tok, student_messages(ex.prompt, system)) for ex in task.train]
-    teacher_ctx = [
-        encode_messages(tok, teacher_messages(ex.prompt, ex.demonstration or "", template, system))
-        for ex in task.train
-    ]
+    student_ctx = [encode_messages(tok, task.student(ex)) for ex in task.train]
+    teacher_ctx = [encode_messages(tok, task.teacher(ex, template)) for ex in task.train]
     tis = use_importance_sampling(cfg, ctx.rollout.backend, ctx.rollout.temperature)
     sampling = Sampling(
         max_new_tokens=ctx.rollout.max_new_tokens or task.cfg.max_new_tokens,

@@ -18,7 +18,7 @@ from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
 from sdft_cli.models import autocast
 from sdft_cli.objective import token_weights
 from sdft_cli.score import completion_hidden, output_head
-from sdft_cli.tasks import Task, encode_messages, encode_target, student_messages
+from sdft_cli.tasks import Task, encode_messages, encode_target
 from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
 
 
@@ -28,12 +28,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     timer = Timer()
 
     # ---------------------------------------------------------------- contexts, tokenised once
-    system = task.cfg.system_prompt
-    student_ctx = [encode_messages(tok, student_messages(ex.prompt, system)) for ex in task.train]
-    targets = [
-        encode_target(tok, student_messages(ex.prompt, system), ex.demonstration or "", ctx.eos_ids)
-        for ex in task.train
-    ]
+    student_ctx = [encode_messages(tok, task.student(ex)) for ex in task.train]
+    targets = [encode_target(tok, task.student(ex), ex.demonstration or "", ctx.eos_ids) for ex in task.train]
 
     # ---------------------------------------------------------------- optimizer, resume
     total = steps_per_task(cfg, len(task.train))
