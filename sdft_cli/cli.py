@@ -6,6 +6,7 @@ sdft ls [GROUP]              list config groups and their options
 sdft validate                compose and type-check every option and experiment
 sdft matrix RUN_DIR          print a run's forgetting matrix and metrics
 sdft compare SWEEP_DIR       compare the runs of a sweep: mean and 95% CI over seeds per method
+sdft plan [OVERRIDES...]     what a config will do: sizes, steps, tokens, evaluation calls, GPU-hours
 """
 
 from __future__ import annotations
@@ -228,6 +229,28 @@ def matrix(
         typer.echo(json.dumps(data, indent=2))
     else:
         print_matrix(data)
+
+
+@app.command()
+def plan(
+    overrides: list[str] = typer.Argument(None, help="Hydra overrides, as for `sdft run`."),
+    params: float = typer.Option(None, help="Model parameters (default: from the model's config, if local)."),
+    tflops: float = typer.Option(400.0, help="Effective TFLOP/s per GPU for the GPU-hour estimate."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Print what a run would do, without loading the model's weights."""
+    import json
+
+    from sdft_cli.compose import compose
+    from sdft_cli.plan import count_parameters, render
+    from sdft_cli.plan import plan as make_plan
+
+    try:
+        cfg = compose(overrides or [])
+        p = make_plan(cfg, params or count_parameters(cfg))
+    except SdftError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(p, indent=2) if json_out else render(p, tflops))
 
 
 @app.command()

@@ -1,0 +1,141 @@
+"""``sdft plan``: what a config will do, before any GPU time is spent.
+
+Reads the task data (the real loading path) and the model's config only, never its weights: the
+parameter count comes from instantiating the architecture on the meta device. The compute estimate
+counts every completion (rollout, demonstration, evaluation) at the task's maximum completion length
+and prompts not at all: 2N FLOPs per generated or scored token, 6N per trained token, divided by an
+effective throughput the user states (``tflops``). It sizes a job; it does not time one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdft_cli.config import Config, SDFTConfig
+from sdft_cli.errors import SdftError
+from sdft_cli.tasks import load_task
+from sdft_cli.update import steps_per_task
+
+
+@dataclass
+class TaskPlan:
+    name: str
+    n_train: int | None
+    n_test: int | None
+    steps: int | None
+    completion_tokens: int  # max tokens per completion (rollouts and evaluation)
+    rollouts: int  # sampled completions for training
+
+
+def count_parameters(cfg: Config) -> int | None:
+    """Parameters of the model's architecture, from its config alone (None when it cannot be read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sdft_cli.models import cache_dir
+
+    if cfg.model.source == "hf":
+        path = cfg.model.path
+    elif cfg.model.source == "smollm2":
+        path = cache_dir() / "models" / "smollm2-135m-instruct-hf"
+    else:
+        return None  # tiny and toy models: built locally, sized in docs
+    try:
+        arch = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan(cfg: Config, params: float | None = None) -> dict:
+    """The plan as a dict: per-task sizes and steps, evaluation calls, FLOPs (when the size is known)."""
+    method = cfg.method
+    sdft = isinstance(method, SDFTConfig)
+    tasks = []
+    for name, tcfg in cfg.task.items():
+        tokens = cfg.rollout.max_new_tokens or tcfg.max_new_tokens
+        try:
+            task = load_task(name, tcfg, train=True, max_test=cfg.eval.max_items)
+            n_train, n_test = len(task.train), len(task.test)
+            steps = steps_per_task(method, n_train)
+        except SdftError:
+            n_train = n_test = steps = None
+        rollouts = steps * method.prompts_per_step if steps else 0
+        tasks.append(
+            TaskPlan(name, n_train, n_test, steps, tcfg.max_new_tokens if not sdft else tokens, rollouts)
+        )
+    probes = {}
+    for name, pcfg in cfg.eval.probes.items():
+        try:
+            probes[name] = len(load_task(name, pcfg, train=False, max_test=cfg.eval.max_items).test)
+        except SdftError:
+            probes[name] = None
+    stages = len(tasks) + 1
+    per_stage = sum(t.n_test or 0 for t in tasks) + sum(n or 0 for n in probes.values())
+    passk = cfg.eval.pass_at_k.n * sum(t.n_test or 0 for t in tasks) if cfg.eval.pass_at_k.k else 0
+    out = {
+        "method": method.name,
+        "model": cfg.model.name,
+        "tasks": [t.__dict__ for t in tasks],
+        "probes": probes,
+        "eval_stages": stages,
+        "eval_generations": stages * (per_stage + passk),
+        "optimizer_steps": sum(t.steps or 0 for t in tasks),
+        "rollout_tokens": sum(t.rollouts * t.completion_tokens for t in tasks) if sdft else 0,
+        "params": params,
+    }
+    if params:
+        flops = 0.0
+        for t in tasks:
+            completions = (t.steps or 0) * method.prompts_per_step
+            trained = completions * t.completion_tokens
+            if sdft:  # generate (2N), teacher forward (2N), student forward+backward (6N)
+                flops += (2 + 2 + 6) * params * trained
+            else:  # SFT/DFT: forward+backward on the demonstrations
+                flops += 6 * params * trained
+        samples = 1 + (cfg.eval.pass_at_k.n if cfg.eval.pass_at_k.k else 0)
+        gen_tokens = sum(stages * (t.n_test or 0) * samples * t.completion_tokens for t in tasks)
+        for name, pcfg in cfg.eval.probes.items():
+            gen_tokens += stages * (probes[name] or 0) * pcfg.max_new_tokens
+        flops += 2 * params * gen_tokens
+        out["flops"] = flops
+    return out
+
+
+def render(p: dict, tflops: float) -> str:
+    def fmt(v: int | None) -> str:
+        return "?" if v is None else str(v)
+
+    lines = [
+        f"plan: {p['method']} on {p['model']}",
+        "",
+        "task            train   test   steps   rollouts   max tokens",
+    ]
+    for t in p["tasks"]:
+        lines.append(
+            f"{t['name']:<14} {fmt(t['n_train']):>6} {fmt(t['n_test']):>6} {fmt(t['steps']):>7} "
+            f"{t['rollouts']:>10} {t['completion_tokens']:>12}"
+        )
+    probes = ", ".join(f"{k} ({'?' if v is None else v})" for k, v in p["probes"].items()) or "none"
+    lines += [
+        "",
+        f"prior-capability probes: {probes}",
+        f"optimizer steps: {p['optimizer_steps']}",
+        f"rollout tokens (at most): {p['rollout_tokens']:,}",
+        f"evaluation: {p['eval_stages']} stages, {p['eval_generations']:,} greedy/sampled completions",
+    ]
+    if p.get("flops"):
+        hours = p["flops"] / (tflops * 1e12) / 3600
+        lines += [
+            f"model parameters: {p['params'] / 1e9:.3f} B",
+            f"compute: {p['flops']:.3e} FLOPs = {hours:.2f} GPU-hours at {tflops:g} effective TFLOP/s "
+            "(--tflops; completions at their maximum length, prompts not counted)",
+        ]
+    else:
+        lines.append("compute: model size unknown (pass --params, or a model whose config is local)")
+    lines.append(
+        "'?' = data not loadable here (a hub dataset offline); the figures then leave that task out."
+    )
+    return "\n".join(lines)
