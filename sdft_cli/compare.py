@@ -26,7 +26,6 @@ SEED_KEYS = ("seed",)
 @dataclass
 class RunRecord:
     path: Path
-    label: str
     seed: int
     data: dict
     preconditions: dict | None
@@ -96,7 +95,7 @@ def collect(sweep_dir: str | Path) -> list[Group]:
         pre = run_dir / "t00_base" / "preconditions" / "preconditions.json"
         label = labels[run_dir] or f"method={data['meta'].get('method', '?')}"
         rec = RunRecord(
-            run_dir, label, int(data["meta"].get("seed", 0)), data, read_json(pre) if pre.is_file() else None
+            run_dir, int(data["meta"].get("seed", 0)), data, read_json(pre) if pre.is_file() else None
         )
         groups.setdefault(label, Group(label)).runs.append(rec)
     if not groups:

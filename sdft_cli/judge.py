@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -97,17 +96,15 @@ class VerdictCache:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._db = sqlite3.connect(str(path))
         self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict TEXT)")
-        self._lock = threading.Lock()
 
     def get(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT verdict FROM verdicts WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute("SELECT verdict FROM verdicts WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, verdict: str) -> None:
-        with self._lock, self._db:
+        with self._db:  # commits the row
             self._db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?)", (key, verdict))
 
 

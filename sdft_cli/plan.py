@@ -23,8 +23,9 @@ class TaskPlan:
     n_train: int | None
     n_test: int | None
     steps: int | None
-    completion_tokens: int  # max tokens per completion (rollouts and evaluation)
-    rollouts: int  # sampled completions for training
+    completions: int  # trained completions: SDFT rollouts, SFT demonstrations
+    train_tokens: int  # max tokens per trained completion (rollout.max_new_tokens for SDFT)
+    eval_tokens: int  # max tokens per evaluation completion (the task's max_new_tokens)
 
 
 def count_parameters(cfg: Config) -> int | None:
@@ -55,17 +56,15 @@ def plan(cfg: Config, params: float | None = None) -> dict:
     sdft = isinstance(method, SDFTConfig)
     tasks = []
     for name, tcfg in cfg.task.items():
-        tokens = cfg.rollout.max_new_tokens or tcfg.max_new_tokens
         try:
             task = load_task(name, tcfg, train=True, max_test=cfg.eval.max_items)
             n_train, n_test = len(task.train), len(task.test)
             steps = steps_per_task(method, n_train)
         except SdftError:
             n_train = n_test = steps = None
-        rollouts = steps * method.prompts_per_step if steps else 0
-        tasks.append(
-            TaskPlan(name, n_train, n_test, steps, tcfg.max_new_tokens if not sdft else tokens, rollouts)
-        )
+        train_tokens = (cfg.rollout.max_new_tokens if sdft else None) or tcfg.max_new_tokens
+        completions = (steps or 0) * method.prompts_per_step
+        tasks.append(TaskPlan(name, n_train, n_test, steps, completions, train_tokens, tcfg.max_new_tokens))
     probes = {}
     for name, pcfg in cfg.eval.probes.items():
         try:
@@ -83,20 +82,16 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         "eval_stages": stages,
         "eval_generations": stages * (per_stage + passk),
         "optimizer_steps": sum(t.steps or 0 for t in tasks),
-        "rollout_tokens": sum(t.rollouts * t.completion_tokens for t in tasks) if sdft else 0,
+        "rollout_tokens": sum(t.completions * t.train_tokens for t in tasks) if sdft else 0,
         "params": params,
     }
     if params:
-        flops = 0.0
-        for t in tasks:
-            completions = (t.steps or 0) * method.prompts_per_step
-            trained = completions * t.completion_tokens
-            if sdft:  # generate (2N), teacher forward (2N), student forward+backward (6N)
-                flops += (2 + 2 + 6) * params * trained
-            else:  # SFT/DFT: forward+backward on the demonstrations
-                flops += 6 * params * trained
+        # SDFT: generate (2N), teacher forward (2N), student forward+backward (6N) per trained token;
+        # SFT/DFT: forward+backward on the demonstrations
+        per_token = (2 + 2 + 6) if sdft else 6
+        flops = float(sum(per_token * params * t.completions * t.train_tokens for t in tasks))
         samples = 1 + (cfg.eval.pass_at_k.n if cfg.eval.pass_at_k.k else 0)
-        gen_tokens = sum(stages * (t.n_test or 0) * samples * t.completion_tokens for t in tasks)
+        gen_tokens = sum(stages * (t.n_test or 0) * samples * t.eval_tokens for t in tasks)
         for name, pcfg in cfg.eval.probes.items():
             gen_tokens += stages * (probes[name] or 0) * pcfg.max_new_tokens
         flops += 2 * params * gen_tokens
@@ -111,12 +106,12 @@ def render(p: dict, tflops: float) -> str:
     lines = [
         f"plan: {p['method']} on {p['model']}",
         "",
-        "task            train   test   steps   rollouts   max tokens",
+        "task            train   test   steps   trained completions   max tokens (train/eval)",
     ]
     for t in p["tasks"]:
         lines.append(
             f"{t['name']:<14} {fmt(t['n_train']):>6} {fmt(t['n_test']):>6} {fmt(t['steps']):>7} "
-            f"{t['rollouts']:>10} {t['completion_tokens']:>12}"
+            f"{t['completions']:>21} {t['train_tokens']:>12}/{t['eval_tokens']}"
         )
     probes = ", ".join(f"{k} ({'?' if v is None else v})" for k, v in p["probes"].items()) or "none"
     lines += [

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+SDFT = [sys.executable, "-m", "sdft_cli.cli"]
+SMOKE = ["experiment=smoke", "logger.progress=false"]
+
+
+def sdft(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `sdft` entry point in a subprocess; fail with its output unless ``check=False``."""
+    out = subprocess.run(
+        [*SDFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"sdft {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,25 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
-
-SDFT = [sys.executable, "-m", "sdft_cli.cli"]
-SMOKE = ["experiment=smoke", "logger.progress=false"]
-
-
-def sdft(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [*SDFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"sdft {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
+from conftest import SDFT, SMOKE, sdft, write_jsonl
 
 
 def manifests(run: Path) -> dict[str, float]:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE, sdft
 
 from sdft_cli.config import TaskConfig
 from sdft_cli.errors import DataError
@@ -121,13 +122,9 @@ def test_a_row_missing_a_format_field_names_the_row(tmp_path):
 
 def test_a_formatted_task_runs_end_to_end(tmp_path, tiny_model_dir):
     """The fixture Tool Use task through `sdft run` on the tiny model (SDFT, one step)."""
-    import os
-    import subprocess
-    import sys
-
-    overrides = [
-        "experiment=smoke",
-        "logger.progress=false",
+    sdft(
+        "run",
+        *SMOKE,
         "task=[facts]",
         f"task.facts.path={FIXTURES / 'toolalpaca'}",
         "task.facts.source=json",
@@ -136,16 +133,8 @@ def test_a_formatted_task_runs_end_to_end(tmp_path, tiny_model_dir):
         "task.facts.teacher_template=paper",
         "model.max_context=1024",
         f"runs_root={tmp_path}",
-    ]
-    out = subprocess.run(
-        [sys.executable, "-m", "sdft_cli.cli", "run", *overrides],
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
     (run,) = (tmp_path / "smoke").iterdir()
     data = json.loads((run / "matrix.json").read_text())
     assert data["rows"] == ["base", "1:facts"] and data["columns"][0] == "facts"

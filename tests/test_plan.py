@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
+
+from conftest import sdft
 
 from sdft_cli.compose import compose
 from sdft_cli.plan import count_parameters, plan
@@ -18,19 +18,24 @@ def test_steps_tokens_and_flops_follow_the_config(offline_env):
     # bundled sizes (train 36 / 48 rows), the smoke batch of 4 prompts, eval capped at 4 items
     assert (facts["n_train"], mcq["n_train"], facts["n_test"]) == (36, 48, 4)
     assert facts["steps"] == math.ceil(2 * 36 / 4) and mcq["steps"] == math.ceil(2 * 48 / 4)
-    assert facts["rollouts"] == facts["steps"] * 4
-    tokens = cfg.rollout.max_new_tokens  # smoke: 8 for every completion
-    assert p["rollout_tokens"] == (facts["rollouts"] + mcq["rollouts"]) * tokens
+    assert facts["completions"] == facts["steps"] * 4
+    # rollouts stop at rollout.max_new_tokens (smoke: 8); evaluation at each task's max_new_tokens (24)
+    assert (facts["train_tokens"], facts["eval_tokens"], mcq["eval_tokens"]) == (8, 24, 24)
+    assert p["rollout_tokens"] == (facts["completions"] + mcq["completions"]) * 8
     stages, probes = 3, sum(p["probes"].values())
     assert p["eval_generations"] == stages * (4 + 4 + probes)
-    train = 10 * 1e9 * (facts["rollouts"] + mcq["rollouts"]) * tokens
-    gen = 2 * 1e9 * stages * (4 * tokens + 4 * tokens + sum(16 * n for n in p["probes"].values()))
+    train = 10 * 1e9 * (facts["completions"] + mcq["completions"]) * 8
+    gen = 2 * 1e9 * stages * (4 * 24 + 4 * 24 + sum(16 * n for n in p["probes"].values()))
     assert p["flops"] == train + gen
 
 
 def test_sft_trains_without_rollouts(offline_env):
-    p = plan(compose(["experiment=smoke", "method=sft", "task=[facts]"]), params=None)
-    assert p["rollout_tokens"] == 0 and "flops" not in p and p["tasks"][0]["steps"] == 2
+    p = plan(compose(["experiment=smoke", "method=sft", "task=[facts]"]), params=1e9)
+    (facts,) = p["tasks"]
+    assert p["rollout_tokens"] == 0 and facts["steps"] == 2 and facts["train_tokens"] == 24
+    gen = 2 * 1e9 * 2 * (4 * 24 + sum(16 * n for n in p["probes"].values()))
+    assert p["flops"] == 6 * 1e9 * facts["completions"] * 24 + gen
+    assert "flops" not in plan(compose(["experiment=smoke"]), params=None)
 
 
 def test_parameters_come_from_the_config_on_the_meta_device(tiny_model, tiny_model_dir):
@@ -41,11 +46,10 @@ def test_parameters_come_from_the_config_on_the_meta_device(tiny_model, tiny_mod
 
 
 def test_cli_prints_the_plan_and_json(offline_env, tmp_path):
-    cmd = [sys.executable, "-m", "sdft_cli.cli", "plan", "experiment=smoke", "--params", "7e9"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr
+    args = ("plan", "experiment=smoke", "--params", "7e9")
+    out = sdft(*args, cwd=tmp_path)
     assert "optimizer steps: 6" in out.stdout and "GPU-hours at 400 effective TFLOP/s" in out.stdout
-    data = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=tmp_path).stdout)
+    data = json.loads(sdft(*args, "--json", cwd=tmp_path).stdout)
     assert data["params"] == 7e9 and [t["name"] for t in data["tasks"]] == ["toolcall", "mcq", "facts"]
-    bad = subprocess.run([*cmd[:4], "task=nope"], capture_output=True, text=True, cwd=tmp_path)
+    bad = sdft("plan", "task=nope", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr

@@ -4,11 +4,9 @@ the comparison report. The full-size experiment and its figures are in docs/toy_
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import yaml
+from conftest import sdft
 
 # A smaller model, a shorter pretraining and one task; everything else is the experiment's own config.
 REDUCED = [
@@ -26,23 +24,7 @@ REDUCED = [
 
 
 def test_toy_world_reduced_end_to_end(tmp_path, offline_env):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sdft_cli.cli",
-            "run",
-            "experiment=toy_world",
-            f"runs_root={tmp_path}",
-            *REDUCED,
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=os.environ,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = sdft("run", "experiment=toy_world", f"runs_root={tmp_path}", *REDUCED, cwd=tmp_path, timeout=900)
     sweep = tmp_path / "toy_world"
     runs = {yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())[0]: d for d in sweep.glob("*/")}
     assert set(runs) == {"method=sdft", "method=sft"}, sorted(runs)
