@@ -117,7 +117,9 @@ def run(ctx: typer.Context) -> None:
     Re-running the same command resumes the run in runs/<name>/<overrides>.
     Hydra's own help: sdft run --hydra-help. Config reference: sdft show, sdft ls.
     """
-    args = list(ctx.args)
+    from sdft_cli.compose import expand_aliases
+
+    args = expand_aliases(list(ctx.args))
     if args and args[0] in ("--help", "-h"):
         typer.echo(ctx.get_help())
         raise typer.Exit(0)

@@ -16,7 +16,9 @@ from sdft_cli.config import METHOD_SCHEMAS, Config, EvalConfig, LoggerConfig, Mo
 from sdft_cli.errors import ConfigError
 
 CONF_PACKAGE = "sdft_cli.conf"
-GROUPS = ("model", "method", "rollout", "task", "eval", "logger", "experiment")
+GROUPS = ("model", "method", "rollout", "task", "eval", "eval/prior", "logger", "experiment")
+# Nested groups also accepted in dotted form, as their config key reads: eval.prior=paper -> eval/prior=paper.
+NESTED_GROUPS = ("eval/prior",)
 
 
 def register_configs() -> None:
@@ -41,6 +43,21 @@ def run_subdir(override_dirname: str) -> str:
     if len(name) > 120:
         name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
     return name
+
+
+def expand_aliases(args: list[str]) -> list[str]:
+    """``eval.prior=paper`` -> ``eval/prior=paper``: choosing an option of a nested group by its key.
+
+    Only a bare option name is rewritten; ``eval.prior.limit=100`` and ``eval.prior={...}`` stay as they are.
+    """
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        group = key.replace(".", "/")
+        if eq and group in NESTED_GROUPS and value.replace("_", "").isalnum():
+            a = f"{group}={value}"
+        out.append(a)
+    return out
 
 
 def register_resolvers() -> None:
@@ -95,7 +112,7 @@ def compose_raw(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+            cfg = hydra_compose("config", overrides=expand_aliases(list(overrides)), return_hydra_config=True)
     except Exception as e:
         raise ConfigError(format_hydra_error(e)) from None
     HydraConfig.instance().set_config(cfg)

@@ -383,6 +383,64 @@ class PassAtKConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One lm-evaluation-harness benchmark, a prior-capability column of the matrix."""
+
+    # An lm-eval task or group name (a group reports its own aggregate, e.g. mmlu's size-weighted acc).
+    task: str = ""
+    # The key of results[task] used as the score, "<metric>,<filter>".
+    metric: str = "acc,none"
+    # null = the task's default (the paper: task defaults, 0-shot for all six).
+    num_fewshot: int | None = None
+
+
+@dataclass
+class PriorConfig:
+    """Prior-capability benchmarks through lm-evaluation-harness on every stage's model (sdft_cli/prior.py).
+
+    Choose a suite with ``eval/prior=paper``; each benchmark is a matrix column next to the probes.
+    """
+
+    # column name -> benchmark ({task, metric, num_fewshot}); empty = no lm-eval suite. Untyped in the
+    # schema so that the command line can add one: '+eval.prior.benchmarks.arc={task: arc_easy}'.
+    benchmarks: dict[str, Any] = field(default_factory=dict)
+    # hf: the stage's in-memory model; vllm: the stage's checkpoint directory served by vLLM.
+    backend: str = "hf"
+    # Documents per task: a count (>= 1) or a fraction (< 1); null = all. For quick per-stage curves.
+    limit: float | None = None
+    # all: after every stage; ends: row 0 and the last stage only (the full suite is long).
+    stages: str = "all"
+    # 0 = lm-eval's "auto" (largest batch that fits; avoid on CPU).
+    batch_size: int = 16
+    # Directories of extra task YAMLs (local copies of benchmark data, custom tasks).
+    include_path: list[str] = field(default_factory=list)
+    apply_chat_template: bool = False
+    # Tasks that execute model-written code (HumanEval) run only with this set (an explicit opt-in).
+    confirm_run_unsafe_code: bool = False
+    # Extra backend arguments, e.g. {gpu_memory_utilization: 0.5, max_model_len: 4096} for vllm.
+    model_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _choice("eval.prior.backend", self.backend, ("hf", "vllm"))
+        _choice("eval.prior.stages", self.stages, ("all", "ends"))
+        _nonneg("eval.prior.batch_size", self.batch_size)
+        if self.limit is not None and not (0 < self.limit < 1 or float(self.limit).is_integer()):
+            raise ConfigError(f"eval.prior.limit must be a count or a fraction in (0, 1), got {self.limit}")
+        if self.limit is not None:
+            _positive("eval.prior.limit", self.limit)
+        self.benchmarks = {k: _benchmark(k, v) for k, v in self.benchmarks.items()}
+        for name, bench in self.benchmarks.items():
+            if "," not in bench.metric:
+                raise ConfigError(
+                    f"eval.prior.benchmarks.{name}.metric must be '<metric>,<filter>' as lm-eval reports "
+                    f"it (e.g. 'acc,none'), got {bench.metric!r}"
+                )
+            if bench.num_fewshot is not None:
+                _nonneg(f"eval.prior.benchmarks.{name}.num_fewshot", bench.num_fewshot)
+
+
+@dataclass
 class EvalConfig:
     """Greedy evaluation of every task's test split and of the prior-capability probes after every stage."""
 
@@ -403,6 +461,8 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # After every stage, pass@k on each trained task's test split (pass_at_k.json next to results.json).
     pass_at_k: PassAtKConfig = field(default_factory=PassAtKConfig)
+    # The lm-eval prior-capability suite (eval/prior=paper); its benchmarks are matrix columns.
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
@@ -466,13 +526,31 @@ class Config:
             raise ConfigError(
                 "method.importance_sampling=on needs sampled rollouts, but rollout.temperature=0"
             )
-        overlap = set(self.task) & set(self.eval.probes)
+        columns = [*self.task, *self.eval.probes, *self.eval.prior.benchmarks]
+        overlap = sorted({c for c in columns if columns.count(c) > 1})
         if overlap:
-            raise ConfigError(f"task and eval.probes share names: {sorted(overlap)}")
+            raise ConfigError(f"task, eval.probes and eval.prior.benchmarks share names: {overlap}")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def _benchmark(name: str, value: Any) -> BenchmarkConfig:
+    key = f"eval.prior.benchmarks.{name}"
+    if isinstance(value, BenchmarkConfig):
+        bench = value
+    elif isinstance(value, dict):
+        known = {f.name for f in fields(BenchmarkConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {unknown} (keys: {', '.join(sorted(known))})")
+        bench = BenchmarkConfig(**value)
+    else:
+        raise ConfigError(f"{key} must be a mapping {{task, metric, num_fewshot}}, got {value!r}")
+    if not bench.task:
+        raise ConfigError(f"{key}.task: name the lm-eval task")
+    return bench
 
 
 def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from sdft_cli import __version__
+from sdft_cli import __version__, prior
 from sdft_cli.artifacts import (
     RunLayout,
     RunLock,
@@ -167,6 +167,8 @@ class Run:
     amp: torch.dtype | None
     logger: RunLogger
     base_path: Path | None = None
+    # lm-eval's task index when eval.prior has benchmarks (built once, by the input checks)
+    lm_eval_tasks: object = None
     _base: torch.nn.Module | None = None
 
     def base_engine(self) -> torch.nn.Module:
@@ -230,8 +232,9 @@ class Run:
         )
         METHODS[self.cfg.method.name](ctx, self.tasks[name])
 
-    def eval_stage(self, out_dir: Path, stage: int, stage_task: str, model) -> None:
-        """Evaluate every task and probe; write predictions, ``results.json`` and the manifest (last)."""
+    def eval_stage(self, out_dir: Path, stage: int, stage_task: str, model, path: Path) -> None:
+        """Evaluate every task and probe, and the lm-eval suite; write predictions, ``results.json`` and
+        the manifest (last). ``path`` is the checkpoint ``model`` was loaded from."""
         self.logger.rewind_eval(stage)
         every = [*self.tasks.values(), *self.probes.values()]
         kinds = {**{n: "trained" for n in self.tasks}, **{n: "prior" for n in self.probes}}
@@ -268,6 +271,20 @@ class Run:
                     "n": res.n,
                     "stderr": res.stderr,
                 }
+            )
+        prior_cfg = self.cfg.eval.prior
+        if prior.runs_at(prior_cfg, stage, len(self.tasks)):
+            dtype = str(inference_dtype(self.cfg.eval.dtype, self.amp) or self.cfg.model.dtype)
+            cells += prior.evaluate(
+                prior_cfg,
+                self.lm_eval_tasks,
+                engine,
+                self.tokenizer,
+                path,
+                dtype.removeprefix("torch."),
+                out_dir,
+                stage,
+                stage_task,
             )
         atomic_write_json(out_dir / "results.json", cells)
         diag = {}
@@ -307,6 +324,10 @@ class Run:
         )
         write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})
 
+    def prior_columns(self) -> list[str]:
+        """The matrix's prior-capability columns: the probes, then the lm-eval benchmarks."""
+        return [*self.probes, *self.cfg.eval.prior.benchmarks]
+
     def write_matrix(self, meta: dict) -> dict:
         """Rebuild the matrix from every complete evaluation stage, write it, print it, log it."""
         names = list(self.tasks)
@@ -324,7 +345,7 @@ class Run:
                 k: d["kl_model_base_token"] for k, d in diags.items() if "kl_model_base_token" in d
             },
         }
-        write_matrix(self.layout.root, cells, names, list(self.probes), {**meta, **kl})
+        write_matrix(self.layout.root, cells, names, self.prior_columns(), {**meta, **kl})
         data = load_matrix(self.layout.root)
         print_matrix(data)
         self.logger.log_matrix(data, self.layout.matrix("png"))
@@ -375,9 +396,10 @@ def run(cfg: Config) -> dict:
             check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
         if cfg.eval.preconditions:
             check_demonstrations(list(tasks.values()))
+        lm_eval_tasks = prior.check(cfg.eval.prior)
 
         logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
-        state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger, base_path=base_path)
+        state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger, base_path, lm_eval_tasks)
         meta = {
             "method": cfg.method.name,
             "seed": cfg.seed,
@@ -398,7 +420,7 @@ def run(cfg: Config) -> dict:
         try:
             # ------------------------------------------------------------ row 0: the base model
             if not is_complete(layout.base_eval()):
-                state.eval_stage(layout.base_eval(), 0, "base", model_at(base_path))
+                state.eval_stage(layout.base_eval(), 0, "base", model_at(base_path), base_path)
             data = state.write_matrix(meta)
             if cfg.eval.preconditions:
                 if not is_complete(layout.preconditions()):
@@ -415,7 +437,8 @@ def run(cfg: Config) -> dict:
                 shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)
                 # -------------------------------------------------------- evaluate after task i
                 if not is_complete(layout.eval(i, name)):
-                    state.eval_stage(layout.eval(i, name), i, name, model_at(layout.model(i, name)))
+                    model_dir = layout.model(i, name)
+                    state.eval_stage(layout.eval(i, name), i, name, model_at(model_dir), model_dir)
                     data = state.write_matrix(meta)
                 previous = layout.model(i, name)
         finally:

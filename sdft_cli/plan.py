@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from sdft_cli.config import Config, SDFTConfig
 from sdft_cli.errors import SdftError
+from sdft_cli.prior import runs_at
 from sdft_cli.tasks import load_task
 from sdft_cli.update import steps_per_task
 
@@ -84,6 +85,12 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         "optimizer_steps": sum(t.steps or 0 for t in tasks),
         "rollout_tokens": sum(t.completions * t.train_tokens for t in tasks) if sdft else 0,
         "params": params,
+        "lm_eval": {
+            "benchmarks": {n: b.task for n, b in cfg.eval.prior.benchmarks.items()},
+            "runs": sum(runs_at(cfg.eval.prior, s, stages - 1) for s in range(stages)),
+            "limit": cfg.eval.prior.limit,
+            "backend": cfg.eval.prior.backend,
+        },
     }
     if params:
         # SDFT: generate (2N), teacher forward (2N), student forward+backward (6N) per trained token;
@@ -121,6 +128,14 @@ def render(p: dict, tflops: float) -> str:
         f"rollout tokens (at most): {p['rollout_tokens']:,}",
         f"evaluation: {p['eval_stages']} stages, {p['eval_generations']:,} greedy/sampled completions",
     ]
+    suite = p["lm_eval"]
+    if suite["benchmarks"]:
+        names = ", ".join(f"{k} ({v})" if k != v else k for k, v in suite["benchmarks"].items())
+        limit = "all documents" if suite["limit"] is None else f"limit {suite['limit']:g}"
+        lines.append(
+            f"lm-eval suite ({suite['backend']}, {limit}): {names}; run after {suite['runs']} of "
+            f"{p['eval_stages']} stages (not in the compute estimate)"
+        )
     if p.get("flops"):
         hours = p["flops"] / (tflops * 1e12) / 3600
         lines += [
