@@ -62,8 +62,9 @@ def _split_messages(messages: list[dict], fmt: str) -> tuple[str | None, str]:
 
 
 def sciknoweval(row: dict) -> dict:
-    """SciKnowEval as released for SDFT: training rows have ``messages`` (system + user) and a
-    ``demonstration``; evaluation rows a ``prompt`` (messages or text) and the ``answer`` letter."""
+    """SciKnowEval as released for SDFT: training rows have ``messages`` (system + user) and the
+    demonstration (``output_text`` in the official release, or ``demonstration``); evaluation rows a
+    ``prompt`` (messages or text) and the ``answer`` letter."""
     messages = row.get("messages") or row.get("prompt")
     if isinstance(messages, list):
         system, prompt = _split_messages(messages, "sciknoweval")
@@ -71,10 +72,32 @@ def sciknoweval(row: dict) -> dict:
         system, prompt = None, _need(row, "prompt", "sciknoweval")
     return {
         "prompt": prompt,
-        "demonstration": row.get("demonstration"),
+        "demonstration": row.get("output_text") or row.get("demonstration"),
         "answer": row.get("answer"),
         "system": system,
     }
 
 
-FORMATS: dict[str, Callable[[dict], dict]] = {"toolalpaca": toolalpaca, "sciknoweval": sciknoweval}
+def huatuo(row: dict) -> dict:
+    """HuatuoGPT-o1 (Medical): SFT rows (``Question``, ``Complex_CoT``, ``Response``) train with the final
+    ``Response`` as the demonstration, not the chain of thought (paper Sec. 4.5: the data "contains no
+    explicit chain-of-thought annotations"); verifiable problems (``Open-ended Verifiable Question``,
+    ``Ground-True Answer``) evaluate."""
+    prompt = row.get("Question") or row.get("Open-ended Verifiable Question")
+    if not prompt:
+        raise DataError(
+            f"format huatuo: no 'Question' or 'Open-ended Verifiable Question' (columns: {sorted(row)})"
+        )
+    return {
+        "prompt": prompt,
+        "demonstration": row.get("Response"),
+        "answer": row.get("Ground-True Answer"),
+        "system": None,
+    }
+
+
+FORMATS: dict[str, Callable[[dict], dict]] = {
+    "toolalpaca": toolalpaca,
+    "sciknoweval": sciknoweval,
+    "huatuo": huatuo,
+}

@@ -2,24 +2,22 @@
 
 The paper scores Medical with a two-way and Knowledge acquisition with a three-way GPT-5-mini verdict;
 both prompts are kept verbatim (paper App. B.2). Verdicts are cached on disk by a hash of (model,
-prompt), so re-scoring a run, or resuming one, asks the endpoint nothing twice. Retries with backoff
-are the `openai` client's own (429, 5xx, connection errors); an unreadable verdict is asked again and
-then reported with the item. The API key is read from the environment variable the config names and
-is never written anywhere.
+prompt), so re-scoring a run, or resuming one, asks the endpoint nothing twice. An unreadable verdict
+is asked again and then reported with the item; the endpoint client (retries, rate limit, the API key
+read from the environment) is sdft_cli/llm.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sqlite3
-import time
 from pathlib import Path
 
 from sdft_cli.config import JudgeConfig
 from sdft_cli.errors import SdftError
+from sdft_cli.llm import Endpoint, EndpointError
 
 PROMPTS = {
     # paper p17-18, verbatim
@@ -112,33 +110,22 @@ class Judge:
     """Score responses against references with an LLM verdict (``score`` in [0, 1])."""
 
     def __init__(self, cfg: JudgeConfig, prompt: str = "medical", mapping: str = "strict"):
-        from openai import OpenAI
-
         if prompt not in PROMPTS or mapping not in CREDIT:
             raise JudgeError(f"judge: unknown prompt {prompt!r} or mapping {mapping!r}")
         self.cfg, self.prompt, self.mapping = cfg, prompt, mapping
         self.labels = LABELS[prompt]
-        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        # a local vLLM server accepts any key; a hosted API without one fails at the first request
-        self.client = OpenAI(
-            base_url=cfg.base_url, api_key=key or "EMPTY", max_retries=cfg.max_retries, timeout=cfg.timeout
-        )
+        self.endpoint = Endpoint(cfg, "judge")
         cache_path = (
             None if cfg.cache == "" else Path(cfg.cache).expanduser() if cfg.cache else default_cache()
         )
         self.cache = VerdictCache(cache_path) if cache_path is not None else None
-        self._last = 0.0
-        self.requests = 0
+
+    @property
+    def requests(self) -> int:
+        return self.endpoint.requests
 
     def _key(self, prompt: str) -> str:
         return hashlib.sha256(json.dumps([self.cfg.model, prompt]).encode()).hexdigest()
-
-    def _wait(self) -> None:
-        if self.cfg.requests_per_second:
-            gap = 1.0 / self.cfg.requests_per_second - (time.monotonic() - self._last)
-            if gap > 0:
-                time.sleep(gap)
-        self._last = time.monotonic()
 
     def verdict(self, question: str, reference: str, response: str) -> str:
         prompt = PROMPTS[self.prompt].format(
@@ -147,22 +134,12 @@ class Judge:
         key = self._key(prompt)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
-        extra = {} if self.cfg.temperature is None else {"temperature": self.cfg.temperature}
-        if self.cfg.max_tokens is not None:
-            extra["max_tokens"] = self.cfg.max_tokens
         reply = ""
         for _ in range(1 + self.cfg.max_retries):
-            self._wait()
-            self.requests += 1
             try:
-                out = self.client.chat.completions.create(
-                    model=self.cfg.model, messages=[{"role": "user", "content": prompt}], **extra
-                )
-            except Exception as e:  # the client already retried what is retryable
-                raise JudgeError(
-                    f"judge {self.cfg.base_url} ({self.cfg.model}): {type(e).__name__}: {e}"
-                ) from None
-            reply = out.choices[0].message.content or ""
+                reply = self.endpoint.complete([{"role": "user", "content": prompt}])
+            except EndpointError as e:
+                raise JudgeError(str(e)) from None
             label = parse_verdict(reply, self.labels)
             if label is not None:
                 if self.cache is not None:

@@ -33,8 +33,21 @@ TEACHER_TEMPLATES = {
     ),
     # The toy world's (docs/toy_world.md): short, because its model reads one character per token.
     "toy": "{prompt}\nexample: {demonstration}\nanswer:",
+    # Knowledge acquisition (paper App. A.2): the article text plus the answer, the paper's default
+    # teacher context. The paper does not show how the article is laid out; this puts it before the
+    # official template's example.
+    "knowledge": (
+        "\n{prompt}\n\nHere is an article with the information needed to answer the question:\n{context}\n\n"
+        "This is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    ),
+    # Fig. 7's "Only Text" ablation ("Only Answers" is `paper`).
+    "knowledge_text": (
+        "\n{prompt}\n\nHere is an article with the information needed to answer the question:\n{context}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    ),
 }
-_PLACEHOLDER = re.compile(r"\{(prompt|demonstration)\}")
+_PLACEHOLDER = re.compile(r"\{(prompt|demonstration|context)\}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class Example:
     answer: str | None
     # A row's own system message (row formats that carry one); None = the task's system_prompt.
     system: str | None = None
+    # Source text for the teacher's {context} (a knowledge-acquisition question's article).
+    context: str | None = None
 
 
 @dataclass
@@ -62,7 +77,7 @@ class Task:
         return student_messages(ex.prompt, self.system(ex))
 
     def teacher(self, ex: Example, template: str) -> list[dict]:
-        return teacher_messages(ex.prompt, ex.demonstration or "", template, self.system(ex))
+        return teacher_messages(ex.prompt, ex.demonstration or "", template, self.system(ex), ex.context)
 
 
 # ----------------------------------------------------------------------------- templates
@@ -75,21 +90,22 @@ def resolve_teacher_template(method_template: str | None, task_template: str | N
 
 
 def teacher_template(name_or_text: str) -> str:
-    """A named template or a literal one; a literal must contain both placeholders."""
+    """A named template or a literal one: {prompt} and at least one of {demonstration} and {context}."""
     if name_or_text in TEACHER_TEMPLATES:
         return TEACHER_TEMPLATES[name_or_text]
-    missing = [p for p in ("{prompt}", "{demonstration}") if p not in name_or_text]
-    if missing:
+    if "{prompt}" not in name_or_text or not (
+        "{demonstration}" in name_or_text or "{context}" in name_or_text
+    ):
         raise ConfigError(
             f"method.teacher_template is neither a known name ({', '.join(TEACHER_TEMPLATES)}) "
-            f"nor a template containing {' and '.join(missing)}"
+            "nor a template containing {prompt} and {demonstration} (or {context})"
         )
     return name_or_text
 
 
-def fill_template(template: str, prompt: str, demonstration: str) -> str:
+def fill_template(template: str, prompt: str, demonstration: str, context: str = "") -> str:
     """Substitute in one pass, so braces inside prompts (JSON, code) are left alone."""
-    values = {"prompt": prompt, "demonstration": demonstration}
+    values = {"prompt": prompt, "demonstration": demonstration, "context": context}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
@@ -97,8 +113,10 @@ def student_messages(prompt: str, system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
-def teacher_messages(prompt: str, demonstration: str, template: str, system: str | None) -> list[dict]:
-    return student_messages(fill_template(template, prompt, demonstration), system)
+def teacher_messages(
+    prompt: str, demonstration: str, template: str, system: str | None, context: str | None = None
+) -> list[dict]:
+    return student_messages(fill_template(template, prompt, demonstration, context or ""), system)
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
@@ -137,13 +155,29 @@ def _split_file(cfg: TaskConfig, split: str, task: str) -> Path:
     return path
 
 
-def _load_rows(cfg: TaskConfig, split: str, task: str) -> tuple[list[dict], str]:
-    """Rows of one split as dicts, through `datasets` (the real loading path for local and hub data)."""
+def _load_rows(cfg: TaskConfig, kind: str, task: str, generate: bool = True) -> tuple[list[dict], str]:
+    """Rows of the ``train`` or ``test`` split as dicts, through `datasets` (the real loading path for
+    local and hub data).
+
+    ``generate=False``: a knowledge task whose QA pairs are not generated yet fails instead of calling
+    the generator (``sdft plan``).
+    """
     import datasets
 
     datasets.disable_progress_bars()
+    split = cfg.train_split if kind == "train" else cfg.test_split
+    if kind == "test" and cfg.test_path:  # the test split from another dataset
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, path=cfg.test_path, subset=cfg.test_subset, test_path=None)
     if cfg.source == "toy":
         return _toy_rows(cfg, split, task), f"toy world {cfg.path}[{split}]"
+    if cfg.source == "knowledge":
+        from sdft_cli import knowledge
+
+        return knowledge.rows(cfg, kind, task, generate), f"knowledge {cfg.path}[{kind}]"
+    if cfg.source == "disk":
+        return _disk_rows(cfg, split, task), f"{cfg.path}[{split}]"
     if cfg.source == "hf":
         try:
             ds = datasets.load_dataset(cfg.path, cfg.subset, split=split)
@@ -159,6 +193,25 @@ def _load_rows(cfg: TaskConfig, split: str, task: str) -> tuple[list[dict], str]
             f"task {task}: cannot read {path}: {str(e).splitlines()[0] if str(e) else e}"
         ) from None
     return ds.to_list(), str(path)
+
+
+def _disk_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
+    """A ``save_to_disk`` copy: ``path/<split>`` (the official SDFT release's ``train_data``/``eval_data``)
+    or a saved DatasetDict at ``path``."""
+    import datasets
+
+    root = Path(cfg.path).expanduser()
+    try:
+        if (root / split).is_dir():
+            return datasets.load_from_disk(str(root / split)).to_list()
+        saved = datasets.load_from_disk(str(root))
+    except Exception as e:
+        raise DataError(f"task {task}: cannot read the saved dataset {root}: {e}") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"task {task}: {root} has no split {split!r} (splits: {', '.join(saved)})")
+        return saved[split].to_list()
+    raise DataError(f"task {task}: {root} is one saved dataset; name its parent and the split directory")
 
 
 def _toy_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
@@ -215,18 +268,26 @@ def _examples(rows: list[dict], cfg: TaskConfig, task: str, where: str, train: b
             demonstration=_text(r, cols.demonstration, task, where, i, train),
             answer=_text(r, cols.answer, task, where, i, not train),
             system=r.get("system") if cfg.format != "columns" else None,
+            context=_text(r, cols.context, task, where, i, False),
         )
         for i, r in enumerate(rows)
     ]
 
 
-def load_task(name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None) -> Task:
-    """Load and validate a task (its test split only with ``train=False``), capped by max_train/max_test."""
+def load_task(
+    name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None, generate: bool = True
+) -> Task:
+    """Load and validate a task (its test split only with ``train=False``), capped by max_train/max_test
+    after the optional ``sample_seed`` shuffle."""
     task = Task(name=name, cfg=cfg)
     splits = [("train", cfg.train_split, cfg.max_train)] if train else []
     splits.append(("test", cfg.test_split, min((x for x in (cfg.max_test, max_test) if x), default=None)))
-    for kind, split, limit in splits:
-        rows, where = _load_rows(cfg, split, name)
+    for kind, _, limit in splits:
+        rows, where = _load_rows(cfg, kind, name, generate)
+        if cfg.sample_seed is not None:
+            import random
+
+            random.Random(f"{cfg.sample_seed}:{kind}").shuffle(rows)
         rows = rows[:limit] if limit else rows
         if not rows:
             raise DataError(f"task {name}: {where} has no rows")

@@ -10,6 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,58 @@ def copy_task_dir(tmp_path) -> Path:
     write_jsonl(tmp_path / "copy" / "train.jsonl", rows[:6])
     write_jsonl(tmp_path / "copy" / "test.jsonl", rows[6:])
     return tmp_path / "copy"
+
+
+class ChatServer:
+    """A real OpenAI-compatible chat-completions endpoint on loopback; ``respond(body)`` writes each reply
+    (an exception there is a 500). It can fail the next ``fail`` requests with ``status``; it records
+    every request and its headers."""
+
+    def __init__(self, respond: Callable[[dict], str]):
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.fail, self.status = 0, 500
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _send(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                if server.fail > 0:
+                    server.fail -= 1
+                    self._send(server.status, {"error": {"message": "try again"}})
+                    return
+                try:
+                    message = {"role": "assistant", "content": respond(body)}
+                except Exception as e:  # a failing backend: a 500 with its message
+                    self._send(500, {"error": {"message": str(e)}})
+                    return
+                self._send(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+                    },
+                )
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()

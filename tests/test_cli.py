@@ -150,7 +150,8 @@ def test_unknown_task_is_one_clear_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == (
         "sdft: error: unknown task 'nonexistent' "
-        "(available: drop, facts, mcq, mirror, odd, shift, swap, toolcall)"
+        "(available: drop, facts, knowledge, mcq, medical, mirror, odd, science, shift, swap, toolcall, "
+        "tooluse)"
     )
     assert not any(tmp_path.iterdir())  # nothing started
 

@@ -56,7 +56,8 @@ def test_run_subdir_sanitises():
     [
         (
             ["task=nonexistent"],
-            "unknown task 'nonexistent' (available: drop, facts, mcq, mirror, odd, shift, swap, toolcall)",
+            "unknown task 'nonexistent' (available: drop, facts, knowledge, mcq, medical, mirror, odd, "
+            "science, shift, swap, toolcall, tooluse)",
         ),
         (["method=nope"], "unknown method 'nope'"),
         (["method.optim.lr=-1"], "method.optim.lr must be > 0"),

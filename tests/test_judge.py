@@ -3,85 +3,42 @@ rate limit, the API key kept out of everything written."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ChatServer
 
 from sdft_cli.config import JudgeConfig
 from sdft_cli.judge import PROMPTS, Judge, JudgeError, parse_verdict
 
 
-class JudgeServer:
-    """A chat-completions endpoint that answers like a judge: CORRECT when the model response contains
-    the reference answer, PARTIALLY_CORRECT when it contains its first word, else INCORRECT. It can fail
-    the next ``fail`` requests with a status code, or reply with ``garbage`` text."""
+class JudgeServer(ChatServer):
+    """Answers like a judge: CORRECT when the model response contains the reference answer,
+    PARTIALLY_CORRECT when it contains its first word, else INCORRECT; or ``garbage`` text."""
 
     def __init__(self):
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.fail, self.status, self.garbage = 0, 500, 0
-        server = self
+        self.garbage = 0
+        super().__init__(self.verdict)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                server.headers.append({k.lower(): v for k, v in self.headers.items()})
-                if server.fail > 0:
-                    server.fail -= 1
-                    self.send_response(server.status)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "try again"}}')
-                    return
-                prompt = body["messages"][0]["content"]
-                ref = prompt.split("[Reference Answer]\n")[1].split("\n[Model Response]")[0]
-                resp = prompt.split("[Model Response]\n")[1].rsplit("\nEvaluate the model", 1)[0]
-                if server.garbage > 0:
-                    server.garbage -= 1
-                    verdict = "I am not sure."
-                elif ref in resp:
-                    verdict = "CORRECT"
-                elif ref.split()[0] in resp and "PARTIALLY_CORRECT" in prompt:
-                    verdict = "PARTIALLY_CORRECT"
-                else:
-                    verdict = "INCORRECT"
-                out = {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": f"Verdict: {verdict}"},
-                        }
-                    ],
-                }
-                data = json.dumps(out).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def verdict(self, body: dict) -> str:
+        prompt = body["messages"][0]["content"]
+        ref = prompt.split("[Reference Answer]\n")[1].split("\n[Model Response]")[0]
+        resp = prompt.split("[Model Response]\n")[1].rsplit("\nEvaluate the model", 1)[0]
+        if self.garbage > 0:
+            self.garbage -= 1
+            return "Verdict: I am not sure."
+        if ref in resp:
+            return "Verdict: CORRECT"
+        if ref.split()[0] in resp and "PARTIALLY_CORRECT" in prompt:
+            return "Verdict: PARTIALLY_CORRECT"
+        return "Verdict: INCORRECT"
 
 
 @pytest.fixture
 def server():
     s = JudgeServer()
     yield s
-    s.httpd.shutdown()
+    s.close()
 
 
 def config(server, tmp_path, **kw) -> JudgeConfig:
