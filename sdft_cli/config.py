@@ -131,6 +131,8 @@ class MethodConfig:
     loss_chunk_size: int = 256
     # seq_mean: token mean per sequence, then batch mean (paper); token_mean: one mean over all tokens.
     aggregation: str = "seq_mean"
+    # Recompute activations in the backward pass (the official code's setting): less memory, ~1.3x time.
+    gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:

@@ -230,6 +230,9 @@ class Run:
             logger=self.logger,
             progress=self.cfg.logger.progress,
         )
+        if self.cfg.method.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            # active in train mode only: generation (eval mode) keeps its KV cache
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         METHODS[self.cfg.method.name](ctx, self.tasks[name])
 
     def eval_stage(self, out_dir: Path, stage: int, stage_task: str, model, path: Path) -> None:
