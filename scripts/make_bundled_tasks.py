@@ -12,6 +12,7 @@ Tasks, in the spirit of the paper's (all content invented here):
 - facts:    short answers about a fictional star system no model has seen (knowledge acquisition);
             test questions are paraphrases of the trained facts.
 Probes (prior capabilities the base model has): world capitals, opposites, languages.
+General prompts (method=sft_reinvoke's re-invocation set): everyday instructions, none about the probes.
 """
 
 from __future__ import annotations
@@ -453,6 +454,60 @@ def probes() -> dict[str, list[dict]]:
     }
 
 
+# ----------------------------------------------------------------------------- general prompts
+
+GENERAL = [
+    "Write a short poem about the sea.",
+    "Give three tips for getting better sleep.",
+    "Explain what a rainbow is in two sentences.",
+    "Suggest a name for a friendly robot.",
+    "What are the primary colors?",
+    "Describe a cat to someone who has never seen one.",
+    "List four fruits that are red.",
+    "How do I boil an egg?",
+    "Write one sentence that uses the word 'gentle'.",
+    "What is two plus five?",
+    "Give me a tip for learning to ride a bicycle.",
+    "Why do leaves change color in autumn?",
+    "Write a thank-you note to a neighbour.",
+    "What should I pack for a day at the beach?",
+    "Tell me a fun fact about octopuses.",
+    "How many days are in a week?",
+    "Explain why we need to drink water.",
+    "Write a haiku about snow.",
+    "What is a good breakfast for a busy morning?",
+    "Describe the sound of rain.",
+    "Give two reasons to read books.",
+    "How do plants get their food?",
+    "Write a short story opening about a lost key.",
+    "What is the difference between a lake and a river?",
+    "Suggest a game to play with friends indoors.",
+    "What does a bee do?",
+    "Give me a simple recipe for a sandwich.",
+    "Why is exercise good for you?",
+    "Describe a sunny day in three words.",
+    "What is the largest animal in the ocean?",
+    "How do I write a polite email?",
+    "Explain what a calendar is for.",
+    "Write a riddle about a clock.",
+    "What are clouds made of?",
+    "Give one way to save energy at home.",
+    "How does a compass work?",
+    "Write two sentences about a dog at the park.",
+    "What is the boiling point of water in Celsius?",
+    "Name three musical instruments.",
+    "Explain what a map shows.",
+    "Give advice for a first day at a new school.",
+    "What is ten minus three?",
+    "Describe how to plant a seed.",
+    "Why do we have seasons?",
+    "Write a short motivational message.",
+    "What do pandas eat?",
+    "How can I keep my desk tidy?",
+    "Explain what recycling is.",
+]
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -465,6 +520,7 @@ def build() -> dict[str, dict[str, list[dict]]]:
     }
     for name, rows in probes().items():
         out[name] = {"test": rows[:40]}
+    out["general"] = {"train": [{"prompt": p} for p in GENERAL]}
     return out
 
 

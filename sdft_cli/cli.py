@@ -156,7 +156,7 @@ def show(
 def _describe(path: Path) -> str:
     """The first comment line of a config file (every option opens with one)."""
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
+        if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
     return ""
 

@@ -248,11 +248,52 @@ class DFTConfig(SFTConfig):
     token_weighting: str = "prob"
 
 
+@dataclass
+class ReinvokeConfig:
+    """The re-invocation phase of ``sft_reinvoke`` (Lu & Thinking Machines Lab 2025): after SFT on a task,
+    on-policy distillation from the base model on general-purpose prompts, to restore prior capabilities.
+    The paper names the baseline but not its prompt set or length; both are settings here."""
+
+    # The general-purpose prompts (their train split; only the prompt column is read). Default: 48
+    # bundled everyday instructions; e.g. source=hf path=HuggingFaceH4/ultrachat_200k train_split=train_sft.
+    prompts: TaskConfig = field(
+        default_factory=lambda: TaskConfig(source="bundled", path="general", max_new_tokens=128)
+    )
+    # Optimizer steps of the phase, per task.
+    steps: int = 20
+    lr: float = 1e-5
+    # reverse: KL(student || teacher) per token on the student's samples, on-policy distillation's
+    # objective; forward and jsd as in method=sdft.
+    divergence: str = "reverse"
+    # base: the model before the first task (row 0); previous: the model before this task.
+    teacher: str = "base"
+
+    def check(self) -> None:
+        self.prompts.check("method.reinvoke.prompts")
+        _positive("method.reinvoke.steps", self.steps)
+        _positive("method.reinvoke.lr", self.lr)
+        _choice("method.reinvoke.divergence", self.divergence, ("forward", "reverse", "jsd"))
+        _choice("method.reinvoke.teacher", self.teacher, ("base", "previous"))
+
+
+@dataclass
+class SFTReinvokeConfig(SFTConfig):
+    """SFT on each task, then re-invocation (``reinvoke``): the paper's "SFT + re-invoke" baseline."""
+
+    name: str = "sft_reinvoke"
+    reinvoke: ReinvokeConfig = field(default_factory=ReinvokeConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.reinvoke.check()
+
+
 METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
     "sdft": SDFTConfig,
     "offline_distill": OfflineDistillConfig,
     "sft": SFTConfig,
     "dft": DFTConfig,
+    "sft_reinvoke": SFTReinvokeConfig,
 }
 
 

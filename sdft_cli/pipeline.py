@@ -34,7 +34,7 @@ from sdft_cli.artifacts import (
     write_jsonl,
     write_manifest,
 )
-from sdft_cli.config import Config, SDFTConfig
+from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
 from sdft_cli.errors import RunDirError
 from sdft_cli.evaluate import evaluate_many, kl_to_base, pass_at_k
 from sdft_cli.logger import RunLogger
@@ -53,7 +53,7 @@ from sdft_cli.models import (
 from sdft_cli.preconditions import check_demonstrations, measure, print_table
 from sdft_cli.report import load_matrix, print_matrix, write_matrix
 from sdft_cli.rollout import inference_copy
-from sdft_cli.tasks import Task, check_lengths, load_task, resolve_teacher_template
+from sdft_cli.tasks import Task, check_lengths, load_prompts, load_task, resolve_teacher_template
 
 # Keys that do not change results: a run may be resumed with different values for them. (Batch sizes
 # of generation do: they change how a step's random stream maps to samples, and bf16 padding numerics.)
@@ -215,7 +215,7 @@ class Run:
             }
         )
 
-    def train_stage(self, index: int, name: str, model) -> None:
+    def train_stage(self, index: int, name: str, model, previous: Path | None = None) -> None:
         """Train on task ``index``; the method writes checkpoints, the final model and the manifest."""
         ctx = TrainContext(
             model=model,
@@ -229,6 +229,8 @@ class Run:
             train_dir=self.layout.train(index, name),
             logger=self.logger,
             progress=self.cfg.logger.progress,
+            base_dir=self.base_path,
+            previous_dir=previous,
         )
         if self.cfg.method.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # active in train mode only: generation (eval mode) keeps its KV cache
@@ -397,6 +399,9 @@ def run(cfg: Config) -> dict:
             check_lengths(task, tok, context, rollout_tokens, template, None if sdft else eos)
         for probe in probes.values():
             check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
+        if isinstance(cfg.method, SFTReinvokeConfig):  # the re-invocation prompts, before any work
+            prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
+            check_lengths(prompts, tok, context, prompts.cfg.max_new_tokens)
         if cfg.eval.preconditions:
             check_demonstrations(list(tasks.values()))
         lm_eval_tasks = prior.check(cfg.eval.prior)
@@ -434,7 +439,7 @@ def run(cfg: Config) -> dict:
             for i, name in enumerate(tasks, start=1):
                 # -------------------------------------------------------- train on task i
                 if not is_complete(layout.train(i, name)):
-                    state.train_stage(i, name, model_at(previous))
+                    state.train_stage(i, name, model_at(previous), previous)
                     loaded["path"] = str(layout.model(i, name))  # the in-memory student is that checkpoint
                 # a crash while the finished stage dropped its checkpoints leaves them behind
                 shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)

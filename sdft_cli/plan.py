@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdft_cli.config import Config, SDFTConfig
+from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
 from sdft_cli.errors import SdftError
 from sdft_cli.prior import runs_at
 from sdft_cli.tasks import load_task
@@ -72,6 +72,14 @@ def plan(cfg: Config, params: float | None = None) -> dict:
             probes[name] = len(load_task(name, pcfg, train=False, max_test=cfg.eval.max_items).test)
         except SdftError:
             probes[name] = None
+    reinvoke = None
+    if isinstance(method, SFTReinvokeConfig):  # after each task's SFT: on-policy steps on general prompts
+        r = method.reinvoke
+        reinvoke = {
+            "steps_per_task": r.steps,
+            "completions": r.steps * method.prompts_per_step * len(tasks),
+            "max_tokens": r.prompts.max_new_tokens,
+        }
     stages = len(tasks) + 1
     per_stage = sum(t.n_test or 0 for t in tasks) + sum(n or 0 for n in probes.values())
     passk = cfg.eval.pass_at_k.n * sum(t.n_test or 0 for t in tasks) if cfg.eval.pass_at_k.k else 0
@@ -82,8 +90,11 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         "probes": probes,
         "eval_stages": stages,
         "eval_generations": stages * (per_stage + passk),
-        "optimizer_steps": sum(t.steps or 0 for t in tasks),
-        "rollout_tokens": sum(t.completions * t.train_tokens for t in tasks) if sdft else 0,
+        "optimizer_steps": sum(t.steps or 0 for t in tasks)
+        + (reinvoke["steps_per_task"] * len(tasks) if reinvoke else 0),
+        "rollout_tokens": (sum(t.completions * t.train_tokens for t in tasks) if sdft else 0)
+        + (reinvoke["completions"] * reinvoke["max_tokens"] if reinvoke else 0),
+        "reinvoke": reinvoke,
         "params": params,
         "lm_eval": {
             "benchmarks": {n: b.task for n, b in cfg.eval.prior.benchmarks.items()},
@@ -97,6 +108,8 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         # SFT/DFT: forward+backward on the demonstrations
         per_token = (2 + 2 + 6) if sdft else 6
         flops = float(sum(per_token * params * t.completions * t.train_tokens for t in tasks))
+        if reinvoke:  # generate, teacher forward, student forward+backward
+            flops += (2 + 2 + 6) * params * reinvoke["completions"] * reinvoke["max_tokens"]
         samples = 1 + (cfg.eval.pass_at_k.n if cfg.eval.pass_at_k.k else 0)
         gen_tokens = sum(stages * (t.n_test or 0) * samples * t.eval_tokens for t in tasks)
         for name, pcfg in cfg.eval.probes.items():
@@ -124,7 +137,12 @@ def render(p: dict, tflops: float) -> str:
     lines += [
         "",
         f"prior-capability probes: {probes}",
-        f"optimizer steps: {p['optimizer_steps']}",
+        f"optimizer steps: {p['optimizer_steps']}"
+        + (
+            f" (including {p['reinvoke']['steps_per_task']} re-invocation steps after each task)"
+            if p.get("reinvoke")
+            else ""
+        ),
         f"rollout tokens (at most): {p['rollout_tokens']:,}",
         f"evaluation: {p['eval_stages']} stages, {p['eval_generations']:,} greedy/sampled completions",
     ]

@@ -31,6 +31,8 @@ TEACHER_TEMPLATES = {
         "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
         "Now answer with a response of your own."
     ),
+    # The prompt alone: a teacher that differs from the student only in its weights (re-invocation).
+    "prompt_only": "{prompt}",
     # The toy world's (docs/toy_world.md): short, because its model reads one character per token.
     "toy": "{prompt}\nexample: {demonstration}\nanswer:",
     # Knowledge acquisition (paper App. A.2): the article text plus the answer, the paper's default
@@ -295,6 +297,25 @@ def load_task(
         if kind == "test" and cfg.scorer == "regex":
             _check_patterns(task, where)
     return task
+
+
+def load_prompts(name: str, cfg: TaskConfig) -> Task:
+    """A prompt set (its train split, capped by max_train): prompts only, for training phases whose
+    teacher needs no demonstration (re-invocation)."""
+    rows, where = _load_rows(cfg, "train", name)
+    if cfg.sample_seed is not None:
+        import random
+
+        random.Random(f"{cfg.sample_seed}:train").shuffle(rows)
+    rows = rows[: cfg.max_train] if cfg.max_train else rows
+    if not rows:
+        raise DataError(f"{name}: {where} has no rows")
+    cols = cfg.columns
+    train = [
+        Example(index=i, prompt=_text(r, cols.prompt, name, where, i, True), demonstration=None, answer=None)  # type: ignore[arg-type]
+        for i, r in enumerate(rows)
+    ]
+    return Task(name=name, cfg=cfg, train=train)
 
 
 def _check_patterns(task: Task, where: str) -> None:

@@ -91,6 +91,14 @@ class Teacher:
         s = [p.detach().to(torch.float32) for p in student.parameters()]
         torch._foreach_lerp_(t, s, self.alpha)
 
+    def load_weights(self, model_dir: Path) -> None:
+        """Replace a frozen or EMA teacher's weights by those of the HF directory ``model_dir``."""
+        from sdft_cli.models import load_model
+
+        if self.kind == "live":
+            raise ValueError("a live teacher is the student itself; it has no weights of its own")
+        self.model.load_state_dict(load_model(model_dir).state_dict())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return (
             {} if self.kind == "live" else {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -35,6 +35,14 @@ class TrainContext:
     train_dir: Path
     logger: RunLogger
     progress: bool = True
+    # The model before the first task (row 0) and before this task, as HF directories.
+    base_dir: Path | None = None
+    previous_dir: Path | None = None
+    # Initialise a frozen or EMA teacher from these weights instead of the current student.
+    teacher_init: Path | None = None
+    # Added to the step of every logged record: a second training phase of the same stage logs after
+    # the first (re-invocation after SFT).
+    step_offset: int = 0
 
     @property
     def pad_id(self) -> int:
@@ -57,7 +65,7 @@ def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> Train
     else:
         state = load_checkpoint(ckpt, ctx.model, teacher, opt, sched)
         print(f"[sdft] stage {ctx.stage}: resuming from {ckpt} (step {state.step}/{total})", flush=True)
-    ctx.logger.rewind(ctx.stage, state.step)
+    ctx.logger.rewind(ctx.stage, ctx.step_offset + state.step)
     rewind_jsonl(ctx.samples_log, lambda r: r.get("step", 0) <= state.step)
     if state.step == 0 and ctx.samples_log.exists():
         atomic_write_text(ctx.samples_log, "")

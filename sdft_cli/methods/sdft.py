@@ -62,6 +62,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     opt, sched = build_optimizer(student, cfg.optim, total)
     # The teacher starts from the current student (the previous task's result), not the hub base.
     teacher = Teacher(cfg.teacher, student, cfg.ema_alpha)
+    if ctx.teacher_init is not None:  # a teacher from other weights (re-invocation: the base model)
+        teacher.load_weights(ctx.teacher_init)
     state = resume(ctx, teacher, opt, sched, total)
     sampler = student if on_policy else teacher.model
     engine = inference_copy(sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
@@ -158,7 +160,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         record = {
             "stage": ctx.stage,
             "task": task.name,
-            "step": state.step,
+            "step": ctx.step_offset + state.step,
             "total_steps": total,
             "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},

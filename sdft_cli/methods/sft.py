@@ -102,7 +102,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         record = {
             "stage": ctx.stage,
             "task": task.name,
-            "step": state.step,
+            "step": ctx.step_offset + state.step,
             "total_steps": total,
             "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},

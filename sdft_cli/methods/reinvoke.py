@@ -1,0 +1,70 @@
+"""SFT + re-invocation (the paper's Table 5 baseline, after Lu & Thinking Machines Lab 2025).
+
+Two phases per task, each resumable on its own: SFT on the task's demonstrations (``train/sft/``, a
+complete stage of its own), then on-policy distillation on general-purpose prompts with the base model
+as a frozen teacher that reads the same prompt (``train/``): the student samples, the base scores,
+the student minimises the per-token divergence to it. This is the SDFT loop with another teacher and
+other prompts, so it shares its loss, batching, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from sdft_cli.artifacts import is_complete
+from sdft_cli.config import SDFTConfig, SFTConfig, SFTReinvokeConfig
+from sdft_cli.methods import sdft, sft
+from sdft_cli.methods.context import TrainContext
+from sdft_cli.tasks import Task, load_prompts
+from sdft_cli.update import latest_checkpoint, steps_per_task
+
+
+def phase_configs(cfg: SFTReinvokeConfig, n_prompts: int) -> tuple[SFTConfig, SDFTConfig]:
+    """The SFT phase's config and the re-invocation phase's (exactly ``reinvoke.steps`` steps)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig) if f.name != "name"}
+    sft_cfg = SFTConfig(**{**shared, "name": "sft"})
+    r = cfg.reinvoke
+    distill = {k: v for k, v in shared.items() if k in {f.name for f in dataclasses.fields(SDFTConfig)}}
+    distill.update(
+        name="reinvoke",
+        epochs=r.steps * cfg.prompts_per_step / n_prompts,
+        max_steps=r.steps,
+        optim=dataclasses.replace(cfg.optim, lr=r.lr),
+        divergence=r.divergence,
+        teacher="frozen",
+        skip_first_tokens=0,
+        teacher_template="prompt_only",
+    )
+    distill.pop("token_weighting", None)
+    return sft_cfg, SDFTConfig(**distill)
+
+
+def train_task(ctx: TrainContext, task: Task) -> Path:
+    cfg: SFTReinvokeConfig = ctx.method  # type: ignore[assignment]
+    prompts = load_prompts("method.reinvoke.prompts", cfg.reinvoke.prompts)
+    sft_cfg, distill_cfg = phase_configs(cfg, len(prompts.train))
+
+    # ---------------------------------------------------------------- phase 1: SFT on the task
+    sft_dir = ctx.train_dir / "sft"
+    if not is_complete(sft_dir):
+        sft.train_task(dataclasses.replace(ctx, method=sft_cfg, train_dir=sft_dir), task)
+        shutil.rmtree(sft_dir / "checkpoints", ignore_errors=True)
+    elif latest_checkpoint(ctx.train_dir / "checkpoints") is None:
+        # resumed between the phases: the in-memory student is the previous task's, load the SFT result
+        from sdft_cli.models import load_model
+
+        ctx.model.load_state_dict(load_model(sft_dir / "model").state_dict())
+
+    # ---------------------------------------------------------------- phase 2: re-invocation
+    teacher = ctx.base_dir if cfg.reinvoke.teacher == "base" else ctx.previous_dir
+    rollout = dataclasses.replace(ctx.rollout, max_new_tokens=cfg.reinvoke.prompts.max_new_tokens)
+    phase = dataclasses.replace(
+        ctx,
+        method=distill_cfg,
+        rollout=rollout,
+        teacher_init=teacher,
+        step_offset=steps_per_task(sft_cfg, len(task.train)),
+    )
+    return sdft.train_task(phase, prompts)
