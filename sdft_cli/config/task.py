@@ -1,0 +1,131 @@
+"""Tasks: where their rows come from, how they are scored, and the LLM endpoints some of them use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from sdft_cli.config.checks import _choice, _nonneg, _positive
+from sdft_cli.errors import ConfigError
+
+
+@dataclass
+class ColumnsConfig:
+    """Which dataset columns hold the prompt, the demonstration and the scorer's reference answer."""
+
+    prompt: str = "prompt"
+    demonstration: str = "demonstration"
+    answer: str = "answer"
+    # Optional: source text the teacher also reads (the article of a knowledge-acquisition question),
+    # placed by a teacher template's {context}.
+    context: str = "context"
+
+
+@dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat endpoint (sdft_cli/llm.py): the judge, the knowledge QA writer."""
+
+    # A local vLLM server (`vllm serve MODEL`) or a hosted API, e.g. https://api.openai.com/v1.
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-5-mini"
+    # The environment variable holding the API key (read at run time, never stored).
+    api_key_env: str | None = "OPENAI_API_KEY"
+    # null = not sent (the endpoint's default; GPT-5 models accept only their default temperature).
+    temperature: float | None = None
+    max_tokens: int | None = None
+    max_retries: int = 5
+    timeout: float = 60.0
+    # Client-side rate limit (null = none).
+    requests_per_second: float | None = None
+
+    def check(self, key: str) -> None:
+        """Value checks; ``key`` is this endpoint's full config key (``eval.judge``)."""
+        _nonneg(f"{key}.max_retries", self.max_retries)
+        _positive(f"{key}.timeout", self.timeout)
+        if self.requests_per_second is not None:
+            _positive(f"{key}.requests_per_second", self.requests_per_second)
+
+
+@dataclass
+class JudgeConfig(EndpointConfig):
+    """The LLM judge's endpoint (``eval.judge``), used by the ``judge_*`` scorers (sdft_cli/judge.py)."""
+
+    # The verdict cache (sqlite); null = $SDFT_CACHE/judge/verdicts.sqlite; "" = no cache.
+    cache: str | None = None
+
+
+@dataclass
+class KnowledgeConfig:
+    """Knowledge acquisition (``source: knowledge``): QA pairs an LLM writes from a corpus of articles
+    with the paper's prompt, generated once and cached by a hash of the corpus and these settings."""
+
+    # The paper used GPT-5 to write the questions.
+    generator: EndpointConfig = field(default_factory=lambda: EndpointConfig(model="gpt-5"))
+    questions_per_article: int = 100
+    # Share of each article's QA pairs held out as the test split (the paper does not state its split).
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def check(self, key: str) -> None:
+        self.generator.check(f"{key}.generator")
+        _positive(f"{key}.questions_per_article", self.questions_per_article)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"{key}.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class TaskConfig:
+    """One task: where its data lives, how it is scored, how long its answers are."""
+
+    # bundled: a file set shipped in sdft_cli/data/tasks; json/csv/parquet: local files; hf: a hub dataset;
+    # disk: a `save_to_disk` copy (the official SDFT data release: path/<split>);
+    # toy: a skill of the toy world (docs/toy_world.md), rows generated; knowledge: a corpus of articles
+    # (a directory of .txt/.md files, or a json/jsonl/csv/parquet file with title and text) turned into
+    # QA pairs by `knowledge.generator`.
+    source: str = "bundled"
+    path: str = MISSING
+    # hf dataset config name, or for local files a glob pattern per split: {split} is replaced.
+    subset: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    # The test split from another dataset than `path` (Medical: the verifiable problems), same source.
+    test_path: str | None = None
+    test_subset: str | None = None
+    # Shuffle each split with this seed before the max_train/max_test caps (a random subset, e.g. the
+    # paper's 1,000 random Medical test questions); null = the data's own order.
+    sample_seed: int | None = None
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # columns: read `columns`; toolalpaca / sciknoweval: the paper's released row formats (formats.py).
+    format: str = "columns"
+    scorer: str = "exact_match"
+    max_new_tokens: int = 64
+    # System message for both student and teacher contexts (null = the model's chat-template default).
+    system_prompt: str | None = None
+    # The teacher template this task was designed for (used unless method.teacher_template is set).
+    teacher_template: str | None = None
+    # Optional caps on the number of rows used.
+    max_train: int | None = None
+    max_test: int | None = None
+    description: str = ""
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+
+    def check(self, key: str) -> None:
+        """Value checks; ``key`` is this task's full config key (``task.facts``, ``eval.probes.capitals``)."""
+        from sdft_cli.scorers import SCORERS
+
+        _choice(
+            f"{key}.source",
+            self.source,
+            ("bundled", "json", "csv", "parquet", "hf", "disk", "toy", "knowledge"),
+        )
+        from sdft_cli.judge import JUDGE_SCORERS
+
+        _choice(f"{key}.scorer", self.scorer, (*SCORERS, *JUDGE_SCORERS))
+        _choice(f"{key}.format", self.format, ("columns", "toolalpaca", "sciknoweval", "huatuo"))
+        _positive(f"{key}.max_new_tokens", self.max_new_tokens)
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None:
+                _positive(f"{key}.{name}", getattr(self, name))
+        if self.source == "knowledge":
+            self.knowledge.check(f"{key}.knowledge")
