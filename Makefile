@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run smoke toy test test-all test-slow lint fmt data docs-config clean
+.PHONY: help install run smoke toy test test-all test-slow test-slurm slurm-up slurm-down lint fmt data docs-config clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,15 @@ test-slow:  ## the slow tests (the real 135M model end to end)
 
 test-all:  ## every CPU test
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+slurm-up:  ## start the one-node Slurm cluster the Slurm tests use (root; installs slurm-wlm and munge if missing)
+	scripts/slurm_cluster.sh up
+
+slurm-down:  ## stop it
+	scripts/slurm_cluster.sh down
+
+test-slurm: slurm-up  ## the Slurm tests alone: a sweep through sbatch, a signalled job requeued and resumed
+	$(BIN)/python -m pytest -m slurm -q
 
 lint:  ## ruff lint + format check, bundled data and reference config up to date
 	$(BIN)/ruff check .

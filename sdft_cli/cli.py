@@ -112,7 +112,7 @@ def run(ctx: typer.Context) -> None:
       sdft run method=sft                        # the SFT baseline through the same loop
       sdft run 'task=[facts,mcq]' seed=1         # a curriculum (order = training order)
       sdft run -m method=sdft,sft seed=0,1,2     # a sweep (Hydra multirun)
-      sdft run -m hydra/launcher=submitit_slurm  # the same sweep on Slurm
+      sdft run -m hydra/launcher=slurm  # the same sweep on Slurm
       sdft run --cfg job                         # print the job config and exit
     Re-running the same command resumes the run in runs/<name>/<overrides>.
     Hydra's own help: sdft run --hydra-help. Config reference: sdft show, sdft ls.

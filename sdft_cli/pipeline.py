@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from sdft_cli import __version__, prior
+from sdft_cli import __version__, preempt, prior
 from sdft_cli.artifacts import (
     RunLayout,
     RunLock,
@@ -235,7 +235,8 @@ class Run:
         if self.cfg.method.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # active in train mode only: generation (eval mode) keeps its KV cache
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        METHODS[self.cfg.method.name](ctx, self.tasks[name])
+        with preempt.deferred():
+            METHODS[self.cfg.method.name](ctx, self.tasks[name])
 
     def eval_stage(self, out_dir: Path, stage: int, stage_task: str, model, path: Path) -> None:
         """Evaluate every task and probe, and the lm-eval suite; write predictions, ``results.json`` and

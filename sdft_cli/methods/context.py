@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sdft_cli import preempt
 from sdft_cli.artifacts import atomic_write_text
 from sdft_cli.config import MethodConfig, RolloutConfig
 from sdft_cli.logger import RunLogger, rewind_jsonl
@@ -74,10 +75,13 @@ def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> Train
 
 
 def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: TrainState) -> None:
-    """Every ``save_every`` steps (not at the last one: the final model is saved by the stage)."""
+    """Every ``save_every`` steps (not at the last one: the final model is saved by the stage), and
+    whenever a preemption signal is held (then the signal is acted on: the job exits or requeues)."""
     every = ctx.method.save_every
-    if not every or state.step % every or state.step >= state.total_steps:
-        return
-    path = ctx.train_dir / "checkpoints" / f"step_{state.step:06d}"
-    save_checkpoint(path, ctx.model, ctx.tokenizer, teacher, opt, sched, state)
-    prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
+    stop = preempt.requested()
+    if stop or (every and not state.step % every and state.step < state.total_steps):
+        path = ctx.train_dir / "checkpoints" / f"step_{state.step:06d}"
+        save_checkpoint(path, ctx.model, ctx.tokenizer, teacher, opt, sched, state)
+        prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
+    if stop:
+        preempt.act()

@@ -1,0 +1,96 @@
+"""Preemption: a signal during training is held to the end of the step, a checkpoint is saved, the run
+exits (or the previous handler, submitit's, takes over), and the same command resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+from conftest import SDFT, SMOKE, sdft
+
+from sdft_cli import preempt
+
+
+def test_signals_are_held_during_training_and_handed_on_after_the_step():
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))
+    try:
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert preempt.requested() and calls == []  # held, the step goes on
+            preempt.act()
+            assert calls == [signal.SIGUSR2] and not preempt.requested()
+        os.kill(os.getpid(), signal.SIGUSR2)  # outside training: straight to the handler
+        time.sleep(0.05)
+        assert calls == [signal.SIGUSR2, signal.SIGUSR2]
+        # a signal after the last step is acted on when training ends
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+        assert len(calls) == 3
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_without_a_handler_the_held_signal_exits_with_128_plus_its_number():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            try:
+                preempt.act()
+            except SystemExit as e:
+                assert e.code == 128 + signal.SIGTERM
+            else:
+                raise AssertionError("no exit")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def records(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_path, tiny_model_dir):
+    # save_every=0: no periodic checkpoints, so the one found after the signal is the preemption's
+    args = [*SMOKE, "task=[facts]", "method.epochs=100", "method.max_steps=30", "method.save_every=0"]
+    run = tmp_path / "r"
+    proc = subprocess.Popen(
+        [*SDFT, "run", *args, f"run_dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or sum("step" in r for r in records(run)) < 3:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM: saving a checkpoint" in out
+    (ckpt,) = (run / "t01_facts" / "train" / "checkpoints").glob("step_*")
+    step = int(ckpt.name.split("_")[1])
+    assert 3 <= step < 30 and (ckpt / "manifest.json").is_file()
+    assert [r["step"] for r in records(run) if "step" in r] == list(range(1, step + 1))
+    assert not (run / ".lock.owner").exists()  # the run lock went with the process
+
+    again = sdft("run", *args, f"run_dir={run}", cwd=tmp_path)
+    assert f"resuming from {ckpt}" in again.stdout
+    ref = tmp_path / "ref"
+    sdft("run", *args, f"run_dir={ref}", cwd=tmp_path)
+    from safetensors.torch import load_file
+
+    a = load_file(str(run / "t01_facts" / "train" / "model" / "model.safetensors"))
+    b = load_file(str(ref / "t01_facts" / "train" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["train/loss"] for r in records(run) if "step" in r]
+    assert losses == [r["train/loss"] for r in records(ref) if "step" in r]
