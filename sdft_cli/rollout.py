@@ -203,10 +203,20 @@ def inference_copy(model, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def sync_weights(engine, student) -> None:
-    """Copy the student's current weights into the inference copy (a no-op when they are the same model)."""
+    """Copy the student's current weights into the inference copy (a no-op when they are the same model),
+    or push them into a vLLM engine."""
     if engine is student:
+        return
+    if hasattr(engine, "push"):
+        engine.push(student)
         return
     torch._foreach_copy_(list(engine.parameters()), [p.detach() for p in student.parameters()])
 
 
-ROLLOUT_BACKENDS = {"hf": generate_hf}
+def _generate_vllm(*args, **kwargs) -> Rollouts:
+    from sdft_cli.vllm_engine import generate_vllm
+
+    return generate_vllm(*args, **kwargs)
+
+
+ROLLOUT_BACKENDS = {"hf": generate_hf, "vllm": _generate_vllm}

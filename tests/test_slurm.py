@@ -88,6 +88,14 @@ def test_a_job_signalled_at_its_time_limit_is_requeued_and_resumes(tmp_path, clu
     base_manifest = (run / "t00_base" / "eval" / "manifest.json").stat().st_mtime_ns
     # what Slurm sends signal_delay_s before the time limit (submitit's preemption signal)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    # Slurm holds a requeued job for a while (BeginTime); let it start now, as a free node would
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True)
+        if state.stdout.split() == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            break
+        time.sleep(0.5)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     log = "\n".join(p.read_text() for p in (tmp_path / "smoke" / ".submitit").glob("*/*_log.*"))

