@@ -166,24 +166,44 @@ def generate_hf(
     finally:
         model.train(was_training)
         model.generation_config = saved_config
-    width = max(1, max(o.shape[0] for o in outs.values()))
-    completions = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    lengths = torch.zeros(len(prompts), dtype=torch.long)
-    for i, o in outs.items():  # batches that all stopped early are narrower than `width`
-        completions[i, : o.shape[0]] = o
-        lengths[i] = o.shape[0]
+    seqs = [outs[i] for i in range(len(prompts))]
+    return assemble(
+        prompts,
+        seqs,
+        [lps.get(i, torch.zeros(0)) for i in range(len(prompts))] if sampling.logprobs else None,
+        tokenizer,
+        eos_ids,
+    )
+
+
+def assemble(
+    prompts: list[list[int]],
+    seqs: list[torch.Tensor],
+    logprobs: list[torch.Tensor] | None,
+    tokenizer,
+    eos_ids: list[int],
+) -> Rollouts:
+    """Rollouts from each prompt's generated ids (and their log-probs), whatever engine made them:
+    right-padded, masked up to the first EOS, decoded."""
+    pad_id = tokenizer.pad_token_id
+    width = max(1, max(s.shape[0] for s in seqs))
+    completions = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    lengths = torch.zeros(len(seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):  # batches that all stopped early are narrower than `width`
+        completions[i, : s.shape[0]] = s
+        lengths[i] = s.shape[0]
     cmask, truncated = completion_mask(completions, eos_ids, lengths)
     completions = completions.masked_fill(cmask == 0, pad_id)
     texts = tokenizer.batch_decode(
         [c[: int(m.sum())] for c, m in zip(completions, cmask, strict=True)], skip_special_tokens=True
     )
-    logprobs = None
-    if sampling.logprobs:
-        logprobs = torch.zeros(completions.shape, dtype=torch.float32)
-        for i, lp in lps.items():
-            logprobs[i, : lp.shape[0]] = lp
-        logprobs = logprobs * cmask
-    return Rollouts(prompts, completions, cmask, texts, truncated.tolist(), logprobs)
+    lp_out = None
+    if logprobs is not None:
+        lp_out = torch.zeros(completions.shape, dtype=torch.float32)
+        for i, lp in enumerate(logprobs):
+            lp_out[i, : lp.shape[0]] = lp
+        lp_out = lp_out * cmask
+    return Rollouts(prompts, completions, cmask, texts, truncated.tolist(), lp_out)
 
 
 def inference_copy(model, dtype: torch.dtype | None):

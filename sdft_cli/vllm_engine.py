@@ -24,7 +24,7 @@ import torch
 
 from sdft_cli.config import RolloutConfig
 from sdft_cli.errors import ConfigError
-from sdft_cli.rollout import Rollouts, Sampling, completion_mask
+from sdft_cli.rollout import Rollouts, Sampling, assemble
 
 
 def _load_weights(worker, weights):  # runs on the engine's worker (same process)
@@ -103,28 +103,19 @@ class VLLMEngine:
             detokenize=False,
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        seqs = [list(o.outputs[0].token_ids) for o in outs]
-        width = max(1, max(len(s) for s in seqs))
-        pad = tokenizer.pad_token_id
-        completions = torch.full((len(seqs), width), pad, dtype=torch.long)
-        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-        for i, s in enumerate(seqs):
-            completions[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        cmask, truncated = completion_mask(completions, eos_ids, lengths)
-        completions = completions.masked_fill(cmask == 0, pad)
-        texts = tokenizer.batch_decode(
-            [c[: int(m.sum())] for c, m in zip(completions, cmask, strict=True)], skip_special_tokens=True
-        )
+        seqs = [torch.tensor(list(o.outputs[0].token_ids), dtype=torch.long) for o in outs]
         logprobs = None
-        if sampling.logprobs:
-            logprobs = torch.zeros(completions.shape, dtype=torch.float32)
-            for i, o in enumerate(outs):
-                for t, (tok, lp) in enumerate(
-                    zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [], strict=False)
-                ):
-                    logprobs[i, t] = lp[tok].logprob
-            logprobs = logprobs * cmask
-        return Rollouts(prompts, completions, cmask, texts, truncated.tolist(), logprobs)
+        if sampling.logprobs:  # the sampled token's entry of each step's returned log-probs
+            logprobs = [
+                torch.tensor(
+                    [
+                        lp[t].logprob
+                        for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [], strict=False)
+                    ]
+                )
+                for o in outs
+            ]
+        return assemble(prompts, seqs, logprobs, tokenizer, eos_ids)
 
 
 _ENGINES: dict[str, VLLMEngine] = {}
