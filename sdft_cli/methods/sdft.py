@@ -182,6 +182,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             record.update({"train/is_min": float(w.min()), "train/is_mean": float(w.mean())})
             record["train/is_max"] = float(w.max())
         record["train/tokens_per_s"] = round(sum(lengths) / max(record.get("time/rollout", 1e-9), 1e-9), 2)
+        if device.type == "cuda":  # the step's peak, then reset for the next
+            record["mem/peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats(device)
         ctx.logger.log(record)
         for i in range(min(cfg.log_samples, len(idx))):
             append_jsonl(ctx.samples_log, {"step": state.step, "row": idx[i], "completion": ro.texts[i]})
