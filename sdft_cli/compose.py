@@ -16,7 +16,17 @@ from sdft_cli.config import METHOD_SCHEMAS, Config, EvalConfig, LoggerConfig, Mo
 from sdft_cli.errors import ConfigError
 
 CONF_PACKAGE = "sdft_cli.conf"
-GROUPS = ("model", "method", "rollout", "task", "eval", "eval/prior", "logger", "experiment")
+GROUPS = (
+    "model",
+    "method",
+    "rollout",
+    "task",
+    "eval",
+    "eval/prior",
+    "logger",
+    "experiment",
+    "hydra/launcher",
+)
 # Nested groups also accepted in dotted form, as their config key reads: eval.prior=paper -> eval/prior=paper.
 NESTED_GROUPS = ("eval/prior",)
 

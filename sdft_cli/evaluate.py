@@ -17,7 +17,7 @@ from sdft_cli.config import JudgeConfig, PassAtKConfig
 from sdft_cli.divergence import kl
 from sdft_cli.metrics import pass_at_k as pass_at_k_estimate
 from sdft_cli.models import autocast
-from sdft_cli.rollout import Sampling, generate_hf
+from sdft_cli.rollout import Rollouts, Sampling, generate_hf
 from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.scorers import get_scorer
 from sdft_cli.tasks import Example, Task, encode_messages
@@ -66,6 +66,7 @@ def evaluate_many(
     teacher_template: str | None = None,
     progress: Callable[[int], None] | None = None,
     judge: JudgeConfig | None = None,
+    generate: Callable[..., Rollouts] = generate_hf,
 ) -> list[EvalResult]:
     """Greedy-decode every test prompt of every task and score it; ``stderr`` is the binomial one.
 
@@ -77,7 +78,7 @@ def evaluate_many(
         score = task_scorer(task, judge)
         sampling = Sampling(max_new_tokens=task.cfg.max_new_tokens, temperature=0.0, batch_size=batch_size)
         prompts = _contexts(task, tokenizer, teacher_template)
-        out = generate_hf(model, tokenizer, prompts, sampling, eos_ids, autocast_dtype, progress)
+        out = generate(model, tokenizer, prompts, sampling, eos_ids, autocast_dtype, progress)
         preds = [
             {
                 "index": ex.index,
@@ -172,6 +173,7 @@ def pass_at_k(
     batch_size: int = 32,
     autocast_dtype: torch.dtype | None = None,
     judge: JudgeConfig | None = None,
+    generate: Callable[..., Rollouts] = generate_hf,
 ) -> dict:
     """Sample ``cfg.n`` completions per test prompt and return the unbiased pass@k for each k, with
     the per-prompt correct counts (a sample is correct when the task's scorer gives it 1)."""
@@ -184,7 +186,7 @@ def pass_at_k(
         batch_size=batch_size,
     )
     torch.manual_seed(cfg.seed)
-    out = generate_hf(
+    out = generate(
         model, tokenizer, [p for p in prompts for _ in range(cfg.n)], sampling, eos_ids, autocast_dtype
     )
     correct = [

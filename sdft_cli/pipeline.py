@@ -52,7 +52,7 @@ from sdft_cli.models import (
 )
 from sdft_cli.preconditions import check_demonstrations, measure, print_table
 from sdft_cli.report import load_matrix, print_matrix, write_matrix
-from sdft_cli.rollout import inference_copy
+from sdft_cli.rollout import generate_hf, inference_copy
 from sdft_cli.tasks import Task, check_lengths, load_prompts, load_task, resolve_teacher_template
 
 # Keys that do not change results: a run may be resumed with different values for them. (Batch sizes
@@ -252,6 +252,11 @@ class Run:
         )
         t0 = time.perf_counter()
         engine = inference_copy(model, inference_dtype(self.cfg.eval.dtype, self.amp))
+        decode = generate_hf
+        if self.cfg.eval.backend == "vllm":  # greedy decoding on the vLLM engine, the stage's weights pushed
+            from sdft_cli.vllm_engine import engine_generate, eval_engine
+
+            decode = engine_generate(eval_engine(self.cfg, model, path, self.amp))
         results = evaluate_many(
             engine,
             self.tokenizer,
@@ -261,6 +266,7 @@ class Run:
             self.amp,
             progress=bar.update,
             judge=self.cfg.eval.judge,
+            generate=decode,
         )
         bar.close()
         cells = []
@@ -315,6 +321,7 @@ class Run:
                         self.cfg.eval.batch_size,
                         self.amp,
                         self.cfg.eval.judge,
+                        generate=decode,
                     )
                 )
             atomic_write_json(out_dir / "pass_at_k.json", passk)

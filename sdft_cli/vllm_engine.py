@@ -150,6 +150,28 @@ def generate_vllm(
     return out
 
 
+def eval_engine(cfg, model: torch.nn.Module, path: Path, amp: torch.dtype | None) -> VLLMEngine:
+    """The process's vLLM engine for evaluation (``eval.backend=vllm``), holding ``model``'s weights."""
+    from sdft_cli.models import inference_dtype
+
+    if "colocate" not in _ENGINES:
+        dtype = inference_dtype(cfg.eval.dtype, amp) or next(model.parameters()).dtype
+        max_len = int(getattr(model.config, "max_position_embeddings", 4096))
+        _ENGINES["colocate"] = VLLMEngine(Path(path), cfg.rollout, dtype, cfg.seed, max_len)
+    engine = _ENGINES["colocate"]
+    engine.push(model)
+    return engine
+
+
+def engine_generate(engine):
+    """A function shaped like ``generate_hf`` that decodes on ``engine`` (its model argument unused)."""
+
+    def generate(_model, tokenizer, prompts, sampling, eos_ids, autocast_dtype=None, progress=None):
+        return generate_vllm(engine, tokenizer, prompts, sampling, eos_ids, progress=progress)
+
+    return generate
+
+
 class CheckpointEngine:
     """``vllm.mode=checkpoint``: a fresh engine from the student saved every ``sync_every`` pushes."""
 

@@ -110,3 +110,21 @@ def test_a_short_sdft_run_with_vllm_rollouts(tmp_path, tiny_model_dir):
     assert len(steps) == 2 and all("train/is_mean" in r for r in steps)  # TIS on: another engine samples
     assert all(0.5 < r["train/is_mean"] <= 2.0 for r in steps)
     assert json.loads((run / "matrix.json").read_text())["rows"] == ["base", "1:facts"]
+
+
+def test_evaluation_on_the_engine_scores_like_transformers(smollm, engine):
+    from sdft_cli.config import TaskConfig
+    from sdft_cli.evaluate import evaluate_many
+    from sdft_cli.tasks import load_task
+    from sdft_cli.vllm_engine import engine_generate
+
+    _, model, tok = smollm
+    tasks = [
+        load_task(n, TaskConfig(path=n, scorer="contains", max_new_tokens=16), False, 8)
+        for n in ("capitals", "opposites")
+    ]
+    engine.push(model)
+    a = evaluate_many(model, tok, tasks, [tok.eos_token_id], generate=engine_generate(engine))
+    b = evaluate_many(model, tok, tasks, [tok.eos_token_id])
+    assert [r.predictions for r in a] == [r.predictions for r in b]
+    assert [r.value for r in a] == [r.value for r in b] and any(r.value > 0 for r in a)

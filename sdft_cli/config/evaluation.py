@@ -93,6 +93,8 @@ class EvalConfig:
     """Greedy evaluation of every task's test split and of the prior-capability probes after every stage."""
 
     batch_size: int = 32
+    # hf: transformers generate; vllm: the rollout engine (rollout.vllm.*) with the stage's weights pushed.
+    backend: str = "hf"
     # Cap on items per task and probe (null = all); for quick per-stage curves.
     max_items: int | None = None
     probes: dict[str, TaskConfig] = field(default_factory=dict)
@@ -115,6 +117,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.judge.check("eval.judge")
         _positive("eval.batch_size", self.batch_size)
+        _choice("eval.backend", self.backend, ("hf", "vllm"))
         _choice("eval.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if self.max_items is not None:
             _positive("eval.max_items", self.max_items)
