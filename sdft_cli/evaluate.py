@@ -35,6 +35,8 @@ class EvalResult:
     contexts: list[list[int]] = field(default_factory=list, repr=False)
     completions: torch.Tensor | None = field(default=None, repr=False)
     completion_mask: torch.Tensor | None = field(default=None, repr=False)
+    # judged tasks: the other mappings of the same verdicts (knowledge: strict and lenient), name -> mean
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _contexts(task: Task, tokenizer, teacher_template: str | None) -> list[list[int]]:
@@ -75,7 +77,6 @@ def evaluate_many(
     """
     results = []
     for task in tasks:
-        score = task_scorer(task, judge)
         sampling = Sampling(max_new_tokens=task.cfg.max_new_tokens, temperature=0.0, batch_size=batch_size)
         prompts = _contexts(task, tokenizer, teacher_template)
         out = generate(model, tokenizer, prompts, sampling, eos_ids, autocast_dtype, progress)
@@ -85,11 +86,11 @@ def evaluate_many(
                 "prompt": ex.prompt,
                 "answer": ex.answer,
                 "prediction": text,
-                "score": score(ex, text),
                 "truncated": trunc,
             }
             for ex, text, trunc in zip(task.test, out.texts, out.truncated, strict=True)
         ]
+        extra = score_predictions(task, preds, judge)
         n = len(preds)
         value = sum(p["score"] for p in preds) / n
         stderr = math.sqrt(value * (1 - value) / n)
@@ -104,9 +105,31 @@ def evaluate_many(
                 prompts,
                 out.completion_ids,
                 out.completion_mask,
+                extra=extra,
             )
         )
     return results
+
+
+def score_predictions(task: Task, preds: list[dict], judge: JudgeConfig | None) -> dict[str, float]:
+    """Set each prediction's ``score`` (and a judge's ``verdict``). For a judged task, also return the
+    mean credit of the same verdicts under the other scorers of its prompt (strict and lenient)."""
+    from sdft_cli.judge import CREDIT, JUDGE_SCORERS, for_scorer
+
+    if task.cfg.scorer not in JUDGE_SCORERS:
+        score = task_scorer(task, judge)
+        for p, ex in zip(preds, task.test, strict=True):
+            p["score"] = score(ex, p["prediction"])
+        return {}
+    j = for_scorer(task.cfg.scorer, judge or JudgeConfig())
+    for p, ex in zip(preds, task.test, strict=True):
+        p["verdict"] = j.verdict(ex.prompt, ex.answer or "", p["prediction"])
+        p["score"] = CREDIT[j.mapping].get(p["verdict"], 0.0)
+    return {
+        name: sum(CREDIT[mapping].get(p["verdict"], 0.0) for p in preds) / len(preds)
+        for name, (prompt, mapping) in JUDGE_SCORERS.items()
+        if prompt == j.prompt and name != task.cfg.scorer
+    }
 
 
 @torch.no_grad()

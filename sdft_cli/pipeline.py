@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import platform
 import shutil
 import socket
@@ -284,6 +285,15 @@ class Run:
                     "stderr": res.stderr,
                 }
             )
+            for metric, value in res.extra.items():  # in results.json and matrix.csv, not the matrix
+                cells.append(
+                    {
+                        **cells[-1],
+                        "metric": metric,
+                        "value": value,
+                        "stderr": math.sqrt(value * (1 - value) / res.n),
+                    }
+                )
         prior_cfg = self.cfg.eval.prior
         if prior.runs_at(prior_cfg, stage, len(self.tasks)):
             dtype = str(inference_dtype(self.cfg.eval.dtype, self.amp) or self.cfg.model.dtype)

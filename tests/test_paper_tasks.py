@@ -259,8 +259,15 @@ def test_a_reply_without_pairs_and_bad_corpora_are_named(tmp_path):
 def test_a_knowledge_task_runs_end_to_end_with_the_judge(tmp_path, writer, tiny_model_dir):
     """SDFT with the article in the teacher's context, judged by a loopback judge, via `sdft run`."""
 
-    def verdict(body: dict) -> str:  # credit for the questions about a first sentence, whatever the reply
-        return "CORRECT" if "sentence 1?" in body["messages"][0]["content"] else "INCORRECT"
+    def verdict(body: dict) -> str:  # by the question asked, whatever the reply
+        prompt = body["messages"][0]["content"]
+        return (
+            "CORRECT"
+            if "sentence 1?" in prompt
+            else "PARTIALLY_CORRECT"
+            if "sentence 2?" in prompt
+            else "INCORRECT"
+        )
 
     judge = ChatServer(verdict)
     try:
@@ -288,9 +295,16 @@ def test_a_knowledge_task_runs_end_to_end_with_the_judge(tmp_path, writer, tiny_
     cfg = knowledge_cfg(tmp_path / "wiki", writer.url)
     test = load_task("wiki", cfg).test
     assert len(writer.requests) == 2
-    expected = sum("sentence 1?" in e.prompt for e in test) / len(test)
+    expected = sum("sentence 1?" in e.prompt for e in test) / len(test)  # lenient: the task's scorer
+    expected += sum("sentence 2?" in e.prompt for e in test) / len(test)
     data = json.loads((tmp_path / "r" / "matrix.json").read_text())
     assert data["columns"][0] == "wiki" and [row[0] for row in data["values"]] == [expected, expected]
+    # the same verdicts under the strict mapping, in results.json (and matrix.csv), without asking again
+    cells = json.loads((tmp_path / "r" / "t00_base" / "eval" / "results.json").read_text())
+    (strict,) = [c for c in cells if c["eval_task"] == "wiki" and c["metric"] == "judge_knowledge_strict"]
+    assert strict["value"] == sum("sentence 1?" in e.prompt for e in test) / len(test)
+    preds = (tmp_path / "r" / "t00_base" / "eval" / "predictions" / "wiki.jsonl").read_text().splitlines()
+    assert {json.loads(p)["verdict"] for p in preds} <= {"CORRECT", "PARTIALLY_CORRECT", "INCORRECT"}
     # the base model's answers to every test question went to the judge with the three-way prompt
     assert len(test) <= len(judge.requests) <= 2 * len(test)
     assert all("PARTIALLY_CORRECT" in r["messages"][0]["content"] for r in judge.requests)
