@@ -276,23 +276,31 @@ def _examples(rows: list[dict], cfg: TaskConfig, task: str, where: str, train: b
     ]
 
 
+def _sampled_rows(
+    cfg: TaskConfig, kind: str, name: str, limit: int | None, generate: bool = True
+) -> tuple[list[dict], str]:
+    """The rows of one split, shuffled by ``sample_seed`` (when set), then capped at ``limit``."""
+    rows, where = _load_rows(cfg, kind, name, generate)
+    if cfg.sample_seed is not None:
+        import random
+
+        random.Random(f"{cfg.sample_seed}:{kind}").shuffle(rows)
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise DataError(f"task {name}: {where} has no rows")
+    return rows, where
+
+
 def load_task(
     name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None, generate: bool = True
 ) -> Task:
     """Load and validate a task (its test split only with ``train=False``), capped by max_train/max_test
     after the optional ``sample_seed`` shuffle."""
     task = Task(name=name, cfg=cfg)
-    splits = [("train", cfg.train_split, cfg.max_train)] if train else []
-    splits.append(("test", cfg.test_split, min((x for x in (cfg.max_test, max_test) if x), default=None)))
-    for kind, _, limit in splits:
-        rows, where = _load_rows(cfg, kind, name, generate)
-        if cfg.sample_seed is not None:
-            import random
-
-            random.Random(f"{cfg.sample_seed}:{kind}").shuffle(rows)
-        rows = rows[:limit] if limit else rows
-        if not rows:
-            raise DataError(f"task {name}: {where} has no rows")
+    splits = [("train", cfg.max_train)] if train else []
+    splits.append(("test", min((x for x in (cfg.max_test, max_test) if x), default=None)))
+    for kind, limit in splits:
+        rows, where = _sampled_rows(cfg, kind, name, limit, generate)
         setattr(task, kind, _examples(rows, cfg, name, where, train=kind == "train"))
         if kind == "test" and cfg.scorer == "regex":
             _check_patterns(task, where)
@@ -302,17 +310,10 @@ def load_task(
 def load_prompts(name: str, cfg: TaskConfig) -> Task:
     """A prompt set (its train split, capped by max_train): prompts only, for training phases whose
     teacher needs no demonstration (re-invocation)."""
-    rows, where = _load_rows(cfg, "train", name)
-    if cfg.sample_seed is not None:
-        import random
-
-        random.Random(f"{cfg.sample_seed}:train").shuffle(rows)
-    rows = rows[: cfg.max_train] if cfg.max_train else rows
-    if not rows:
-        raise DataError(f"{name}: {where} has no rows")
-    cols = cfg.columns
+    rows, where = _sampled_rows(cfg, "train", name, cfg.max_train)
+    prompt = cfg.columns.prompt
     train = [
-        Example(index=i, prompt=_text(r, cols.prompt, name, where, i, True), demonstration=None, answer=None)  # type: ignore[arg-type]
+        Example(index=i, prompt=_text(r, prompt, name, where, i, True) or "", demonstration=None, answer=None)
         for i, r in enumerate(rows)
     ]
     return Task(name=name, cfg=cfg, train=train)
