@@ -51,7 +51,13 @@ class TokenMeans:
         self.counts[name] += float(mask.sum())
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] if self.counts[k] else 0.0 for k in self.sums}
+        """Means over every rank's tokens (in a distributed run every rank must call this)."""
+        from sdft_cli.distributed import sum_floats
+
+        names = sorted(self.sums)
+        totals = sum_floats([self.sums[k] for k in names] + [self.counts[k] for k in names])
+        sums, counts = totals[: len(names)], totals[len(names) :]
+        return {k: s / c if c else 0.0 for k, s, c in zip(names, sums, counts, strict=True)}
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -144,3 +150,22 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class NullLogger:
+    """The logger of ranks > 0 in a distributed run: rank 0 logs each step's totals over all ranks."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def rewind(self, stage: int, step: int) -> None:
+        pass
+
+    def rewind_eval(self, stage: int) -> None:
+        pass
+
+    def log_matrix(self, data: dict, png: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

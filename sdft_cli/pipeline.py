@@ -8,6 +8,7 @@ last checkpoint, so re-running the same command finishes a run without redoing f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import math
@@ -24,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from sdft_cli import __version__, preempt, prior
+from sdft_cli import __version__, distributed, preempt, prior
 from sdft_cli.artifacts import (
     RunLayout,
     RunLock,
@@ -36,9 +37,9 @@ from sdft_cli.artifacts import (
     write_manifest,
 )
 from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
-from sdft_cli.errors import RunDirError
+from sdft_cli.errors import ConfigError, RunDirError
 from sdft_cli.evaluate import evaluate_many, kl_to_base, pass_at_k
-from sdft_cli.logger import RunLogger
+from sdft_cli.logger import NullLogger, RunLogger
 from sdft_cli.methods import METHODS
 from sdft_cli.methods.context import TrainContext
 from sdft_cli.models import (
@@ -58,7 +59,7 @@ from sdft_cli.tasks import Task, check_lengths, load_prompts, load_task, resolve
 
 # Keys that do not change results: a run may be resumed with different values for them. (Batch sizes
 # of generation do: they change how a step's random stream maps to samples, and bf16 padding numerics.)
-VOLATILE_KEYS = ("run_dir", "runs_root", "name", "device", "threads", "logger")
+VOLATILE_KEYS = ("run_dir", "runs_root", "name", "device", "threads", "logger", "dist")
 PACKAGES = (
     "sdft-cli",
     "torch",
@@ -135,7 +136,12 @@ def write_provenance(layout: RunLayout) -> None:
             pass
     old = read_json(layout.provenance) if layout.provenance.is_file() else {}
     starts = old.get("starts", []) + [
-        {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv}
+        {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "argv": sys.argv,
+            "processes": distributed.current().world,
+        }
     ]
     atomic_write_json(
         layout.provenance,
@@ -216,7 +222,9 @@ class Run:
             }
         )
 
-    def train_stage(self, index: int, name: str, model, previous: Path | None = None) -> None:
+    def train_stage(
+        self, index: int, name: str, model, previous: Path | None = None, device: torch.device | None = None
+    ) -> None:
         """Train on task ``index``; the method writes checkpoints, the final model and the manifest."""
         ctx = TrainContext(
             model=model,
@@ -229,9 +237,10 @@ class Run:
             stage=index,
             train_dir=self.layout.train(index, name),
             logger=self.logger,
-            progress=self.cfg.logger.progress,
+            progress=self.cfg.logger.progress and distributed.current().main,
             base_dir=self.base_path,
             previous_dir=previous,
+            device=device,
         )
         if self.cfg.method.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # active in train mode only: generation (eval mode) keeps its KV cache
@@ -379,72 +388,106 @@ class Run:
 
 
 def run(cfg: Config) -> dict:
-    """Run (or resume) the whole continual-learning sequence of ``cfg``; returns the final metrics."""
-    from transformers import AutoConfig
+    """Run (or resume) the whole continual-learning sequence of ``cfg``; returns the final metrics.
+
+    Launched as several processes (torchrun, accelerate, a multi-task Slurm step), every process runs
+    this: all of them train (``distributed``), rank 0 alone evaluates and writes the run directory.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars; our own bars show the stages
-    layout = RunLayout(Path(cfg.run_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with RunLock(layout.root):
-        check_config(layout, cfg)
-        atomic_write_text(layout.config, config_yaml(cfg))
-        write_provenance(layout)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device)
-        amp = autocast_dtype(cfg.model.precision, device)
-
-        # ---------------------------------------------------------------- inputs, checked before any work
-        base_path = resolve_model_dir(cfg.model)
-        tok = load_tokenizer(base_path)
-        eos = eos_ids(tok, generation_config(base_path))
-        context = cfg.model.max_context or int(
-            getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 2048)
-        )
-        sdft = isinstance(cfg.method, SDFTConfig)
-        tasks = {n: load_task(n, t, train=True, max_test=cfg.eval.max_items) for n, t in cfg.task.items()}
-        probes = {
-            n: load_task(n, p, train=False, max_test=cfg.eval.max_items) for n, p in cfg.eval.probes.items()
-        }
-        for task in tasks.values():
-            template = (
-                resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template)
-                if sdft
-                else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    # before the process group exists: a model built into the cache is written by whichever process
+    # gets its lock first (transformers' save_pretrained writes on rank 0 only once torch.distributed is up)
+    base_path = resolve_model_dir(cfg.model)
+    dist, device = distributed.init(
+        cfg.dist.backend, cfg.dist.timeout_min, device, cfg.dist.reshard_after_forward
+    )
+    try:
+        if dist.enabled and "vllm" in (cfg.rollout.backend, cfg.eval.backend):
+            raise ConfigError(
+                "rollout.backend=vllm and eval.backend=vllm run in one process; a multi-process "
+                "(torchrun) run generates with the transformers backend"
             )
-            rollout_tokens = cfg.rollout.max_new_tokens or task.cfg.max_new_tokens
-            check_lengths(task, tok, context, rollout_tokens, template, None if sdft else eos)
-        for probe in probes.values():
-            check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
-        if isinstance(cfg.method, SFTReinvokeConfig):  # the re-invocation prompts, before any work
-            prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
-            check_lengths(prompts, tok, context, prompts.cfg.max_new_tokens)
-        if cfg.eval.preconditions:
-            check_demonstrations(list(tasks.values()))
-        lm_eval_tasks = prior.check(cfg.eval.prior)
+        layout = RunLayout(Path(cfg.run_dir))
+        layout.root.mkdir(parents=True, exist_ok=True)
+        with RunLock(layout.root) if dist.main else contextlib.nullcontext():
+            if dist.main:
+                check_config(layout, cfg)
+                atomic_write_text(layout.config, config_yaml(cfg))
+                write_provenance(layout)
+            metrics = _run_sequence(cfg, layout, dist, device, base_path)
+    finally:
+        distributed.shutdown()
+    if dist.main:
+        print(f"[sdft] run directory: {layout.root}", flush=True)
+    return metrics
 
+
+def _run_sequence(
+    cfg: Config, layout: RunLayout, dist: distributed.Dist, device: torch.device, base_path: Path | str
+) -> dict:
+    from transformers import AutoConfig
+
+    amp = autocast_dtype(cfg.model.precision, device)
+
+    # -------------------------------------------------------------------- inputs, checked before any work
+    tok = load_tokenizer(base_path)
+    eos = eos_ids(tok, generation_config(base_path))
+    context = cfg.model.max_context or int(
+        getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 2048)
+    )
+    sdft = isinstance(cfg.method, SDFTConfig)
+    tasks = {n: load_task(n, t, train=True, max_test=cfg.eval.max_items) for n, t in cfg.task.items()}
+    probes = {
+        n: load_task(n, p, train=False, max_test=cfg.eval.max_items) for n, p in cfg.eval.probes.items()
+    }
+    for task in tasks.values():
+        template = (
+            resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template) if sdft else None
+        )
+        rollout_tokens = cfg.rollout.max_new_tokens or task.cfg.max_new_tokens
+        check_lengths(task, tok, context, rollout_tokens, template, None if sdft else eos)
+    for probe in probes.values():
+        check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
+    if isinstance(cfg.method, SFTReinvokeConfig):  # the re-invocation prompts, before any work
+        prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
+        check_lengths(prompts, tok, context, prompts.cfg.max_new_tokens)
+    distributed.check_divisible("method.prompts_per_step", cfg.method.prompts_per_step)
+    if cfg.eval.preconditions:
+        check_demonstrations(list(tasks.values()))
+    lm_eval_tasks = prior.check(cfg.eval.prior) if dist.main else None
+
+    if dist.main:
         logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
-        state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger, base_path, lm_eval_tasks)
-        meta = {
-            "method": cfg.method.name,
-            "seed": cfg.seed,
-            "model": cfg.model.name,
-            "eval_dtype": str(inference_dtype(cfg.eval.dtype, amp) or cfg.model.dtype).removeprefix("torch."),
-            "title": f"{cfg.method.name} · {cfg.model.name} · seed {cfg.seed}",
-        }
-        loaded: dict = {"path": None, "model": None}
+    else:
+        logger = NullLogger()
+    state = Run(cfg, layout, tok, tasks, probes, eos, amp, logger, base_path, lm_eval_tasks)
+    meta = {
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        "model": cfg.model.name,
+        "eval_dtype": str(inference_dtype(cfg.eval.dtype, amp) or cfg.model.dtype).removeprefix("torch."),
+        "title": f"{cfg.method.name} · {cfg.model.name} · seed {cfg.seed}",
+    }
+    loaded: dict = {"key": None, "model": None}
 
-        def model_at(path) -> torch.nn.Module:
-            """The student at ``path``; reuses the in-memory model when it already holds those weights."""
-            if loaded["path"] != str(path):
-                loaded["model"] = None
-                loaded["model"] = load_model(path, cfg.model.dtype, device)
-                loaded["path"] = str(path)
-            return loaded["model"]
+    def model_at(path, where: torch.device = device) -> torch.nn.Module:
+        """The student at ``path``; reuses the in-memory model when it already holds those weights."""
+        if loaded["key"] != (str(path), str(where)):
+            loaded["model"] = None
+            loaded["model"] = load_model(path, cfg.model.dtype, where)
+            loaded["key"] = (str(path), str(where))
+        return loaded["model"]
 
-        try:
-            # ------------------------------------------------------------ row 0: the base model
+    # a distributed stage loads the whole model on the CPU; sharding moves each rank's part to its device
+    train_device = torch.device("cpu") if dist.enabled else device
+    data: dict = {"metrics": {}}
+    try:
+        # ---------------------------------------------------------------- row 0: the base model (rank 0)
+        if dist.main:
             if not is_complete(layout.base_eval()):
                 state.eval_stage(layout.base_eval(), 0, "base", model_at(base_path), base_path)
             data = state.write_matrix(meta)
@@ -453,21 +496,25 @@ def run(cfg: Config) -> dict:
                     state.precondition_stage(layout.preconditions(), model_at(base_path))
                 print_table(read_json(layout.preconditions() / "preconditions.json"))
 
-            previous = base_path
-            for i, name in enumerate(tasks, start=1):
-                # -------------------------------------------------------- train on task i
-                if not is_complete(layout.train(i, name)):
-                    state.train_stage(i, name, model_at(previous), previous)
-                    loaded["path"] = str(layout.model(i, name))  # the in-memory student is that checkpoint
+        previous = base_path
+        for i, name in enumerate(tasks, start=1):
+            # ------------------------------------------------------------ train on task i (every rank)
+            if distributed.from_main(not is_complete(layout.train(i, name))):
+                state.train_stage(i, name, model_at(previous, train_device), previous, device)
+                if dist.enabled:  # the in-memory student is sharded: evaluation reloads the saved one
+                    loaded.update(key=None, model=None)
+                    distributed.barrier()  # rank 0 has written the model
+                else:  # the in-memory student is that checkpoint
+                    loaded["key"] = (str(layout.model(i, name)), str(device))
+            # ------------------------------------------------------------ evaluate after task i (rank 0)
+            if dist.main:
                 # a crash while the finished stage dropped its checkpoints leaves them behind
                 shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)
-                # -------------------------------------------------------- evaluate after task i
                 if not is_complete(layout.eval(i, name)):
                     model_dir = layout.model(i, name)
                     state.eval_stage(layout.eval(i, name), i, name, model_at(model_dir), model_dir)
                     data = state.write_matrix(meta)
-                previous = layout.model(i, name)
-        finally:
-            logger.close()
-    print(f"[sdft] run directory: {layout.root}", flush=True)
+            previous = layout.model(i, name)
+    finally:
+        logger.close()
     return data["metrics"]

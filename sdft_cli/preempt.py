@@ -18,6 +18,8 @@ from contextlib import contextmanager
 
 # submitit's preemption signal (its SUBMITIT_PREEMPT_SIGNAL), the other user signal, and TERM
 _NAMES = ("USR2", "USR1", "TERM")
+# The exit status of a rank that stops because another rank of its job was signalled.
+PEER_EXIT = 143
 _pending: int | None = None
 _previous: dict[int, object] = {}
 

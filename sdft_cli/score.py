@@ -65,14 +65,20 @@ def completion_hidden(
     device = next(model.parameters()).device
     ids, mask, positions = _inputs(contexts, completions, completion_mask, pad_id, device)
     width = completions.shape[1]
+    # a sharded model (distributed.shard) runs its decoder through a method that gathers the root's weights
+    decoder = getattr(model, "sdft_hidden", None) or model.get_decoder()
     with autocast(autocast_dtype, device):
-        out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state[:, -(width + 1) : -1]
 
 
 def output_head(model) -> tuple[LinearHead, list[torch.nn.Parameter]]:
     """The model's hidden-to-logits map (incl. logit scaling/soft-capping where a family has it) and its
-    trainable tensors (the embedding matrix when it is tied)."""
+    trainable tensors (the embedding matrix when it is tied). A sharded model's head is gathered first;
+    take it anew after each forward, as sharding swaps the tensors."""
+    from sdft_cli.distributed import unshard
+
+    unshard(model)
     lm_head = model.get_output_embeddings()
     cfg = getattr(model.config, "text_config", None) or model.config
     scale = getattr(cfg, "logit_scale", None)  # Cohere: multiplied

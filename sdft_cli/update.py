@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdft_cli import distributed
 from sdft_cli.artifacts import MANIFEST, atomic_dir, is_complete, write_manifest
 from sdft_cli.config import MethodConfig, OptimConfig
 
@@ -45,9 +46,10 @@ def batch_indices(n: int, batch: int, step: int, seed: int | tuple[int, ...]) ->
     return out
 
 
-def step_seed(seed: int, task_index: int, step: int) -> int:
-    """The RNG seed for one optimizer step's sampling (stable under resume)."""
-    return int(np.random.default_rng([seed, task_index, step]).integers(2**31 - 1))
+def step_seed(seed: int, task_index: int, step: int, rank: int = 0) -> int:
+    """The RNG seed for one optimizer step's sampling (stable under resume; its own stream per rank)."""
+    key = [seed, task_index, step] + ([rank] if rank else [])
+    return int(np.random.default_rng(key).integers(2**31 - 1))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
@@ -70,7 +72,8 @@ class Teacher:
     """The teacher's weights: ``ema`` (an fp32 shadow of the student), ``frozen``, or ``live``.
 
     ``ema`` and ``frozen`` keep their own copy, initialised from the current student at the start of
-    each task (not from the hub base); ``live`` is the student itself.
+    each task (not from the hub base); ``live`` is the student itself. In a distributed run the copy is
+    sharded like the student (``shard``) and the EMA update runs shard by shard.
     """
 
     def __init__(self, kind: str, student: torch.nn.Module, alpha: float):
@@ -82,13 +85,18 @@ class Teacher:
         self.model.requires_grad_(False)
         self.model.eval()
 
+    def shard(self, device: torch.device) -> None:
+        """Shard an own copy over the process group, as ``distributed.shard`` does the student."""
+        if self.kind != "live":
+            distributed.shard(self.model, device)
+
     @torch.no_grad()
     def update(self, student: torch.nn.Module) -> None:
         """phi <- alpha * theta + (1 - alpha) * phi, after every optimizer step (ema only)."""
         if self.kind != "ema":
             return
-        t = [p for p in self.model.parameters()]
-        s = [p.detach().to(torch.float32) for p in student.parameters()]
+        t = [distributed.local(p) for p in self.model.parameters()]
+        s = [distributed.local(p.detach()).to(torch.float32) for p in student.parameters()]
         torch._foreach_lerp_(t, s, self.alpha)
 
     def load_weights(self, model_dir: Path) -> None:
@@ -100,22 +108,17 @@ class Teacher:
         self.model.load_state_dict(load_model(model_dir).state_dict())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return (
-            {} if self.kind == "live" else {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        )
+        """The whole teacher on the CPU (every rank takes part; ranks > 0 get ``{}``)."""
+        return {} if self.kind == "live" else distributed.full_state(self.model)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the teacher; only tied aliases (saved once, under their twin's name) may be absent."""
         if self.kind == "live":
             return
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        own = self.model.state_dict()
-        present = {own[k].data_ptr() for k in state if k in own}
-        untied = [k for k in missing if own[k].data_ptr() not in present]
-        if unexpected or untied:
-            raise RuntimeError(
-                f"teacher checkpoint does not match the model: missing {untied}, unexpected {unexpected}"
-            )
+        try:
+            distributed.load_full_state(self.model, state)
+        except RuntimeError as e:
+            raise RuntimeError(f"teacher checkpoint does not match the model: {e}") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -137,11 +140,10 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_teacher(path: Path, teacher: Teacher) -> None:
-    """The teacher's weights as safetensors (nothing for a live teacher, which is the student)."""
+def save_teacher(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """The teacher's weights (``Teacher.state_dict``) as safetensors; nothing for a live teacher."""
     from safetensors.torch import save_file
 
-    state = teacher.state_dict()
     if not state:
         return
     # tied weights share storage; safetensors wants each tensor once, and load(strict=False) re-ties
@@ -153,14 +155,28 @@ def save_teacher(path: Path, teacher: Teacher) -> None:
     save_file(unique, str(path))
 
 
+def save_model(out: Path, model, tokenizer, state: dict[str, torch.Tensor] | None) -> None:
+    """``model`` as a Hugging Face directory; ``state`` is its gathered weights when it is sharded."""
+    model.save_pretrained(out, state_dict=state)
+    tokenizer.save_pretrained(out)
+
+
 def save_checkpoint(path: Path, student, tokenizer, teacher: Teacher, opt, sched, state: TrainState) -> Path:
-    """Write a complete checkpoint atomically (the directory appears only when everything is in it)."""
+    """Write a complete checkpoint atomically (the directory appears only when everything is in it).
+
+    Every rank calls it (the sharded states are gathered); rank 0 writes. The optimizer state is keyed
+    by parameter name and unsharded, so any number of processes can resume it.
+    """
+    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
+    teacher_state = teacher.state_dict()
+    optimizer = distributed.optimizer_state(student, opt)
+    if not distributed.current().main:
+        return path
     with atomic_dir(path) as tmp:
-        student.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        save_teacher(tmp / "teacher.safetensors", teacher)
+        save_model(tmp / "model", student, tokenizer, weights)
+        save_teacher(tmp / "teacher.safetensors", teacher_state)
         torch.save(
-            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
+            {"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": _rng_state()},
             tmp / "trainer_state.pt",
         )
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "total_steps": state.total_steps}))
@@ -183,12 +199,12 @@ def load_checkpoint(path: Path, student, teacher: Teacher, opt, sched) -> TrainS
     from sdft_cli.models import load_model
 
     loaded = load_model(path / "model", dtype=str(next(student.parameters()).dtype).removeprefix("torch."))
-    student.load_state_dict(loaded.state_dict())
+    distributed.load_full_state(student, loaded.state_dict())
     del loaded
     if (path / "teacher.safetensors").is_file():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
     trainer = torch.load(path / "trainer_state.pt", weights_only=False)
-    opt.load_state_dict(trainer["optimizer"])
+    distributed.load_optimizer_state(student, opt, trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
     meta = json.loads((path / "state.json").read_text())
@@ -205,13 +221,16 @@ def prune_checkpoints(root: Path, keep: Path | None) -> None:
 
 def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher | None = None) -> Path:
     """The task's trained student as a plain HF directory (and optionally the teacher's weights), then
-    the stage manifest (the stage is done)."""
+    the stage manifest (the stage is done). Every rank calls it; rank 0 writes."""
+    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
+    teacher_state = teacher.state_dict() if teacher is not None else {}
+    if not distributed.current().main:
+        return train_dir / "model"
     with atomic_dir(train_dir / "model") as tmp:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    if teacher is not None and teacher.kind != "live":
+        save_model(tmp, student, tokenizer, weights)
+    if teacher_state:
         with atomic_dir(train_dir / "teacher") as tmp:
-            save_teacher(tmp / "teacher.safetensors", teacher)
+            save_teacher(tmp / "teacher.safetensors", teacher_state)
     # complete first, then drop the checkpoints: a crash in between leaves only garbage, never a state
     # that a re-run would misread
     write_manifest(train_dir, info, exclude=("checkpoints",))
@@ -231,6 +250,7 @@ __all__ = [
     "prune_checkpoints",
     "save_checkpoint",
     "save_final",
+    "save_model",
     "save_teacher",
     "step_seed",
     "steps_per_task",

@@ -105,3 +105,20 @@ def test_a_job_signalled_at_its_time_limit_is_requeued_and_resumes(tmp_path, clu
     assert steps(run) == list(range(1, 31))  # every step exactly once in the log
     assert (run / "t00_base" / "eval" / "manifest.json").stat().st_mtime_ns == base_manifest
     assert json.loads((run / "matrix.json").read_text())["rows"] == ["base", "1:facts"]
+
+
+def test_a_job_with_two_tasks_trains_as_two_processes(tmp_path, cluster, tiny_model_dir):
+    """hydra.launcher.tasks_per_node=2: one job, two Slurm tasks, which join one FSDP2 process group
+    (submitit's TorchDistributedEnvironment) and train together; rank 0 writes the run."""
+    proc = sweep(
+        tmp_path, "seed=0", "task=[facts]", "rollout.temperature=0", "hydra.launcher.tasks_per_node=2"
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    (matrix,) = (tmp_path / "smoke").glob("*/matrix.json")
+    run = matrix.parent
+    assert json.loads(matrix.read_text())["rows"] == ["base", "1:facts"]
+    assert json.loads((run / "provenance.json").read_text())["starts"][-1]["processes"] == 2
+    assert steps(run) == [1, 2]  # logged once, by rank 0
+    logs = sorted((tmp_path / "smoke" / ".submitit").glob("*/*_log.out"))
+    assert [p.name.split("_")[-2] for p in logs] == ["0", "1"]  # one log per task

@@ -38,6 +38,7 @@ __all__ = [
     "ColumnsConfig",
     "Config",
     "DFTConfig",
+    "DistConfig",
     "EndpointConfig",
     "EvalConfig",
     "JudgeConfig",
@@ -132,6 +133,25 @@ class RolloutConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process training (FSDP2, sdft_cli/distributed.py). Active when a launcher starts several
+    processes (torchrun, accelerate, a Slurm step with several tasks); these only tune it."""
+
+    # auto = nccl on CUDA, gloo on the CPU.
+    backend: str = "auto"
+    # How long a rank waits in a collective. Ranks > 0 wait while rank 0 evaluates, so this must exceed
+    # the longest evaluation stage.
+    timeout_min: int = 360
+    # Free each block's gathered weights after its forward (ZeRO-3); false keeps them until the
+    # backward (less communication, more memory).
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _positive("dist.timeout_min", self.timeout_min)
+
+
+@dataclass
 class LoggerConfig:
     """metrics.jsonl is always written; `wandb` mirrors it to Weights & Biases (WANDB_MODE=offline works)."""
 
@@ -166,6 +186,7 @@ class Config:
     task: dict[str, TaskConfig] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
         if self.model.source == "hf" and not self.model.path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sdft_cli import preempt
+from sdft_cli import distributed, preempt
 from sdft_cli.artifacts import atomic_write_text
 from sdft_cli.config import MethodConfig, RolloutConfig
 from sdft_cli.logger import RunLogger, rewind_jsonl
@@ -44,6 +44,9 @@ class TrainContext:
     # Added to the step of every logged record: a second training phase of the same stage logs after
     # the first (re-invocation after SFT).
     step_offset: int = 0
+    # Where training runs (None = where the model is); a distributed run loads the model on the CPU and
+    # sharding moves each rank's shard here.
+    device: torch.device | None = None
 
     @property
     def pad_id(self) -> int:
@@ -66,10 +69,11 @@ def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> Train
     else:
         state = load_checkpoint(ckpt, ctx.model, teacher, opt, sched)
         print(f"[sdft] stage {ctx.stage}: resuming from {ckpt} (step {state.step}/{total})", flush=True)
-    ctx.logger.rewind(ctx.stage, ctx.step_offset + state.step)
-    rewind_jsonl(ctx.samples_log, lambda r: r.get("step", 0) <= state.step)
-    if state.step == 0 and ctx.samples_log.exists():
-        atomic_write_text(ctx.samples_log, "")
+    if distributed.current().main:
+        ctx.logger.rewind(ctx.stage, ctx.step_offset + state.step)
+        rewind_jsonl(ctx.samples_log, lambda r: r.get("step", 0) <= state.step)
+        if state.step == 0 and ctx.samples_log.exists():
+            atomic_write_text(ctx.samples_log, "")
     state.total_steps = total
     return state
 
@@ -78,10 +82,15 @@ def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: Tra
     """Every ``save_every`` steps (not at the last one: the final model is saved by the stage), and
     whenever a preemption signal is held (then the signal is acted on: the job exits or requeues)."""
     every = ctx.method.save_every
-    stop = preempt.requested()
+    stop = distributed.any_rank(preempt.requested())  # a signal seen by one rank checkpoints them all
     if stop or (every and not state.step % every and state.step < state.total_steps):
         path = ctx.train_dir / "checkpoints" / f"step_{state.step:06d}"
         save_checkpoint(path, ctx.model, ctx.tokenizer, teacher, opt, sched, state)
-        prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
+        if distributed.current().main:
+            prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
     if stop:
+        held = preempt.requested()
         preempt.act()
+        if distributed.current().enabled and not held:
+            # another rank was signalled and leaves; this one has nobody to train with
+            raise SystemExit(preempt.PEER_EXIT)

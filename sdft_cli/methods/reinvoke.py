@@ -13,6 +13,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from sdft_cli import distributed
 from sdft_cli.artifacts import is_complete
 from sdft_cli.config import SDFTConfig, SFTConfig, SFTReinvokeConfig
 from sdft_cli.methods import sdft, sft
@@ -48,9 +49,14 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
 
     # ---------------------------------------------------------------- phase 1: SFT on the task
     sft_dir = ctx.train_dir / "sft"
-    if not is_complete(sft_dir):
+    model = ctx.model
+    if not distributed.from_main(is_complete(sft_dir)):
         sft.train_task(dataclasses.replace(ctx, method=sft_cfg, train_dir=sft_dir), task)
-        shutil.rmtree(sft_dir / "checkpoints", ignore_errors=True)
+        if distributed.current().main:
+            shutil.rmtree(sft_dir / "checkpoints", ignore_errors=True)
+        distributed.barrier()
+        if distributed.current().enabled:  # the student is sharded now; phase 2 shards a fresh copy
+            model = _reload(ctx, sft_dir / "model")
     elif latest_checkpoint(ctx.train_dir / "checkpoints") is None:
         # resumed between the phases: the in-memory student is the previous task's, load the SFT result
         from sdft_cli.models import load_model
@@ -62,9 +68,21 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     rollout = dataclasses.replace(ctx.rollout, max_new_tokens=cfg.reinvoke.prompts.max_new_tokens)
     phase = dataclasses.replace(
         ctx,
+        model=model,
         method=distill_cfg,
         rollout=rollout,
         teacher_init=teacher,
         step_offset=steps_per_task(sft_cfg, len(task.train)),
     )
     return sdft.train_task(phase, prompts)
+
+
+def _reload(ctx: TrainContext, path: Path):
+    """The student as saved at ``path``, on the CPU, ready to be sharded again."""
+    from sdft_cli.models import load_model
+
+    dtype = str(next(ctx.model.parameters()).dtype).removeprefix("torch.")
+    model = load_model(path, dtype)
+    if ctx.method.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

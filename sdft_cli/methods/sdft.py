@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdft_cli import distributed
 from sdft_cli.chunked import distill_terms, fused_loss, sampled_logprobs
 from sdft_cli.config import SDFTConfig
 from sdft_cli.divergence import k3
@@ -56,25 +57,29 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     on_policy = cfg.generate_from == "student"
     sample_ctx = student_ctx if on_policy else teacher_ctx
 
-    # ---------------------------------------------------------------- optimizer, teacher, resume
+    # ---------------------------------------------------------------- teacher, engine, optimizer, resume
+    dist = distributed.current()
+    distributed.check_divisible("method.prompts_per_step", cfg.prompts_per_step)
     total = steps_per_task(cfg, len(task.train))
     student.train()
-    opt, sched = build_optimizer(student, cfg.optim, total)
     # The teacher starts from the current student (the previous task's result), not the hub base.
     teacher = Teacher(cfg.teacher, student, cfg.ema_alpha)
     if ctx.teacher_init is not None:  # a teacher from other weights (re-invocation: the base model)
         teacher.load_weights(ctx.teacher_init)
-    state = resume(ctx, teacher, opt, sched, total)
     sampler = student if on_policy else teacher.model
+    device = ctx.device or next(student.parameters()).device
     if ctx.rollout.backend == "vllm":
         from sdft_cli.vllm_engine import rollout_engine
 
         engine = rollout_engine(ctx, sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
-    else:
-        engine = inference_copy(sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
-    device = next(student.parameters()).device
-    head_s, head_params = output_head(student)
-    head_t, _ = output_head(teacher.model)
+    else:  # copied before sharding: each rank decodes with whole weights
+        dtype = inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype)
+        engine = inference_copy(sampler, dtype, always=dist.enabled).to(device)
+    if dist.enabled:
+        distributed.shard(student, device)
+        teacher.shard(device)
+    opt, sched = build_optimizer(student, cfg.optim, total)
+    state = resume(ctx, teacher, opt, sched, total)
     terms = distill_terms(spec)
 
     bar = tqdm(
@@ -82,17 +87,23 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     )
     while state.step < total:
         t_step = time.perf_counter()
-        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
+        batch = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
+        idx = distributed.my_share(batch)  # the whole batch in one process
 
         # ------------------------------------------------------------ rollout: the student samples
-        torch.manual_seed(step_seed(ctx.seed, ctx.stage, state.step))
+        torch.manual_seed(step_seed(ctx.seed, ctx.stage, state.step, dist.rank))
         with timer("rollout"):
             sync_weights(engine, sampler)
             ro = generate(
                 engine, tok, [sample_ctx[i] for i in idx], sampling, ctx.eos_ids, ctx.autocast_dtype
             )
         lmask = loss_mask(ro.completion_mask, cfg.skip_first_tokens)
-        normalizer = float(len(idx)) if cfg.aggregation == "seq_mean" else float(lmask.sum())
+        # normalised over the whole batch (every rank's tokens): gradients are summed over ranks
+        normalizer = (
+            float(len(batch))
+            if cfg.aggregation == "seq_mean"
+            else distributed.sum_floats([float(lmask.sum())])[0]
+        )
 
         # ------------------------------------------------------------ score + update, per micro-batch
         step_loss, tokens, is_w = 0.0, TokenMeans(), []
@@ -109,9 +120,11 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[
                     sel
                 ]
+                head_t, _ = output_head(teacher.model)  # after the forward: a sharded root is gathered
             with timer("update"):
                 s_ctx = [student_ctx[idx[j]] for j in mb]
                 h_s = completion_hidden(student, s_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
+                head_s, head_params = output_head(student)
                 weights = token_weights(lm, cfg.aggregation, normalizer).to(device)
                 if tis:  # one truncated importance weight per sequence, from the sampler's log-probs
                     with autocast(ctx.autocast_dtype, device):
@@ -138,6 +151,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                         rb=spec.estimator == "rb",
                     )
                 out.loss.backward()
+            if teacher.model is not student:
+                distributed.reshard(teacher.model)
             with torch.no_grad():
                 step_loss += float(out.loss)
                 st = {k: v.cpu() for k, v in out.stats.items()}
@@ -161,7 +176,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         state.step += 1
 
         stats = tokens.means()
-        lengths = ro.lengths
+        (step_loss,) = distributed.sum_floats([step_loss])
+        lengths = sum(distributed.gather(ro.lengths), [])
+        truncated = sum(distributed.gather(ro.truncated), [])
         record = {
             "stage": ctx.stage,
             "task": task.name,
@@ -169,16 +186,16 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             "total_steps": total,
             "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},
-            "train/grad_norm": round(float(grad_norm), 6),
+            "train/grad_norm": round(distributed.scalar(grad_norm), 6),
             "train/lr": lr,
             "train/completion_len_mean": sum(lengths) / len(lengths),
             "train/completion_len_max": max(lengths),
-            "train/truncated_frac": sum(ro.truncated) / len(ro.truncated),
+            "train/truncated_frac": sum(truncated) / len(truncated),
             **timer.pop(),
             "time/step": round(time.perf_counter() - t_step, 4),
         }
         if is_w:
-            w = torch.cat(is_w)
+            w = torch.cat(distributed.gather(torch.cat(is_w)))
             record.update({"train/is_min": float(w.min()), "train/is_mean": float(w.mean())})
             record["train/is_max"] = float(w.max())
         record["train/tokens_per_s"] = round(sum(lengths) / max(record.get("time/rollout", 1e-9), 1e-9), 2)
@@ -186,7 +203,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             record["mem/peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             torch.cuda.reset_peak_memory_stats(device)
         ctx.logger.log(record)
-        for i in range(min(cfg.log_samples, len(idx))):
+        for i in range(min(cfg.log_samples, len(idx)) if dist.main else 0):
             append_jsonl(ctx.samples_log, {"step": state.step, "row": idx[i], "completion": ro.texts[i]})
         bar.update(1)
         bar.set_postfix(

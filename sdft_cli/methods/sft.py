@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdft_cli import distributed
 from sdft_cli.chunked import fused_loss, nll_terms
 from sdft_cli.config import SFTConfig
 from sdft_cli.logger import Timer, TokenMeans
@@ -32,13 +33,15 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     targets = [encode_target(tok, task.student(ex), ex.demonstration or "", ctx.eos_ids) for ex in task.train]
 
     # ---------------------------------------------------------------- optimizer, resume
+    distributed.check_divisible("method.prompts_per_step", cfg.prompts_per_step)
     total = steps_per_task(cfg, len(task.train))
     student.train()
+    device = ctx.device or next(student.parameters()).device
+    if distributed.current().enabled:
+        distributed.shard(student, device)
     opt, sched = build_optimizer(student, cfg.optim, total)
     no_teacher = Teacher("live", student, 1.0)  # SFT has no teacher; checkpoints hold none
     state = resume(ctx, no_teacher, opt, sched, total)
-    device = next(student.parameters()).device
-    head, head_params = output_head(student)
     terms = nll_terms(cfg.token_weighting)
 
     bar = tqdm(
@@ -46,7 +49,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     )
     while state.step < total:
         t_step = time.perf_counter()
-        idx = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
+        batch = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
+        idx = distributed.my_share(batch)  # the whole batch in one process
 
         # ------------------------------------------------------------ targets: the demonstrations
         width = max(len(targets[i]) for i in idx)
@@ -55,7 +59,12 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         for row, i in enumerate(idx):
             comp[row, : len(targets[i])] = torch.tensor(targets[i])
             cmask_all[row, : len(targets[i])] = 1
-        normalizer = float(len(idx)) if cfg.aggregation == "seq_mean" else float(cmask_all.sum())
+        # normalised over the whole batch (every rank's tokens): gradients are summed over ranks
+        normalizer = (
+            float(len(batch))
+            if cfg.aggregation == "seq_mean"
+            else distributed.sum_floats([float(cmask_all.sum())])[0]
+        )
 
         # ------------------------------------------------------------ update, per micro-batch
         step_loss, tokens = 0.0, TokenMeans()
@@ -67,6 +76,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             with timer("update"):
                 s_ctx = [student_ctx[idx[j]] for j in mb]
                 h = completion_hidden(student, s_ctx, c, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
+                head, head_params = output_head(student)  # after the forward: a sharded root is gathered
                 weights = token_weights(cmask.float(), cfg.aggregation, normalizer).to(device)[sel]
                 with autocast(ctx.autocast_dtype, device):
                     out = fused_loss(
@@ -98,7 +108,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         state.step += 1
 
         stats = tokens.means()
-        lengths = cmask_all.sum(-1).tolist()
+        (step_loss,) = distributed.sum_floats([step_loss])
+        lengths = sum(distributed.gather(cmask_all.sum(-1).tolist()), [])
         record = {
             "stage": ctx.stage,
             "task": task.name,
@@ -106,7 +117,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             "total_steps": total,
             "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},
-            "train/grad_norm": round(float(grad_norm), 6),
+            "train/grad_norm": round(distributed.scalar(grad_norm), 6),
             "train/lr": lr,
             "train/completion_len_mean": sum(lengths) / len(lengths),
             "train/completion_len_max": max(lengths),
