@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdft_cli.divergence import DivergenceSpec, TokenTerms, token_terms
+from sdft_cli.divergence import DivergenceSpec, TokenTerms, forward_kl_terms_and_grad, token_terms
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 TermFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], TokenTerms]
@@ -41,6 +41,9 @@ def distill_terms(spec: DivergenceSpec) -> TermFn:
         assert t is not None, "distillation needs teacher logits"
         return token_terms(s, t, y, spec)
 
+    if spec.support == "full" and spec.estimator == "analytic" and spec.effective_divergence == "forward":
+        # the paper's objective has a closed-form logit gradient (the fused loss uses it)
+        fn.closed_form = lambda s, t, y, w: forward_kl_terms_and_grad(s, t, y, w, spec.temperature)  # type: ignore[attr-defined]
     return fn
 
 
@@ -117,8 +120,11 @@ class _FusedLoss(torch.autograd.Function):
         n = h.shape[0]
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         linear = isinstance(head, LinearHead)
-        grad_h = torch.zeros_like(h, dtype=acc)
-        grad_p = [torch.zeros_like(p, dtype=acc) for p in params]
+        closed_form = (
+            getattr(term_fn, "closed_form", None) if linear and not rb and head.post is None else None
+        )
+        grad_h = torch.empty_like(h, dtype=acc)
+        grad_p: list[torch.Tensor | None] = [None] * len(params)  # the first chunk writes, later ones add
         stats = {k: torch.zeros(n, dtype=acc, device=h.device) for k in STAT_FIELDS}
         total = torch.zeros((), dtype=acc, device=h.device)
         carry = torch.zeros(n_seqs, dtype=torch.float64, device=h.device)
@@ -132,22 +138,31 @@ class _FusedLoss(torch.autograd.Function):
                 hc = h[sl].detach()
                 with torch.no_grad():
                     z = head.linear(hc)
-                z.requires_grad_(True)
-                with torch.enable_grad():
-                    logits = head.post(z) if head.post is not None else z
-                    terms = term_fn(logits, t_logits, targets[sl])
-                    loss = _chunk_loss(terms, weights[sl], seq_ids[sl], carry, rb)
-                    (gz,) = torch.autograd.grad(loss, [z])
+                if closed_form is not None:
+                    terms, gz = closed_form(z, t_logits, targets[sl], weights[sl])
+                    loss = (weights[sl] * terms.loss).sum()
+                else:
+                    z.requires_grad_(True)
+                    with torch.enable_grad():
+                        logits = head.post(z) if head.post is not None else z
+                        terms = term_fn(logits, t_logits, targets[sl])
+                        loss = _chunk_loss(terms, weights[sl], seq_ids[sl], carry, rb)
+                        (gz,) = torch.autograd.grad(loss, [z])
                 with torch.no_grad():
                     w = head.weight
                     gz_ = gz.to(w.dtype) if not amp else gz
                     grad_h[sl] = (gz_ @ w).to(acc)
-                    for buf, p in zip(grad_p, params, strict=True):
+                    for i, p in enumerate(params):
                         if p is head.weight:  # accumulated in place, in the accumulator's precision
-                            buf.addmm_(gz.T.to(acc), hc.to(acc))
+                            g = gz.T.to(acc)
+                            if grad_p[i] is None:
+                                grad_p[i] = g @ hc.to(acc)
+                            else:
+                                grad_p[i].addmm_(g, hc.to(acc))
                         elif p is head.bias:
-                            buf += gz.to(acc).sum(0)
-                del z, gz, logits
+                            g = gz.to(acc).sum(0)
+                            grad_p[i] = g if grad_p[i] is None else grad_p[i] + g
+                del z, gz
             else:
                 hc = h[sl].detach().requires_grad_(True)
                 with torch.enable_grad():
@@ -155,15 +170,20 @@ class _FusedLoss(torch.autograd.Function):
                     loss = _chunk_loss(terms, weights[sl], seq_ids[sl], carry, rb)
                     grads = torch.autograd.grad(loss, [hc, *params], allow_unused=True)
                 grad_h[sl] = grads[0]
-                for buf, g in zip(grad_p, grads[1:], strict=True):
+                for i, g in enumerate(grads[1:]):
                     if g is not None:
-                        buf += g
+                        if grad_p[i] is None:
+                            grad_p[i] = g.to(acc)
+                        else:
+                            grad_p[i].add_(g)
                 del grads
             total += loss.detach().to(acc)
             for k in STAT_FIELDS:
                 stats[k][sl] = getattr(terms, k).detach().to(acc)
             del terms, loss, t_logits
-        grad_p = [g.to(p.dtype) for g, p in zip(grad_p, params, strict=True)]
+        grad_p = [
+            torch.zeros_like(p) if g is None else g.to(p.dtype) for g, p in zip(grad_p, params, strict=True)
+        ]
         ctx.save_for_backward(grad_h.to(h.dtype), *grad_p)
         out = [stats[k] for k in STAT_FIELDS]
         ctx.mark_non_differentiable(*out)

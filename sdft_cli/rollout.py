@@ -27,6 +27,8 @@ class Sampling:
     batch_size: int = 32
     # Record each sampled token's log-probability under the sampler (for importance weights).
     logprobs: bool = False
+    # End-of-sequence is suppressed before this many tokens (benchmarks: a fixed amount of work).
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -130,6 +132,7 @@ def generate_hf(
         top_p=None if greedy else sampling.top_p,
         top_k=None if greedy else sampling.top_k,
         max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens or None,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,

@@ -56,8 +56,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
+    # one fused kernel per tensor (CPU and CUDA): ~4x faster than the per-tensor loop on a CPU; sharded
+    # (DTensor) parameters take torch's default implementation
+    fused = not distributed.current().enabled and all(p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
     )
     name = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}[cfg.schedule]
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))

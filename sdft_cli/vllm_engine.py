@@ -97,6 +97,7 @@ class VLLMEngine:
             top_p=1.0 if greedy else sampling.top_p,
             top_k=-1 if greedy or not sampling.top_k else sampling.top_k,
             max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_new_tokens,
             stop_token_ids=list(eos_ids),
             logprobs=0 if sampling.logprobs else None,
             skip_special_tokens=True,

@@ -117,6 +117,26 @@ def test_chunked_and_naive_training_steps_agree(tiny_model, copy_task_dir, tmp_p
     assert any(not torch.equal(w_a[k], model.state_dict()[k]) for k in w_a)
 
 
+def test_bf16_teacher_scoring_rounds_only_the_teacher(tiny_model, copy_task_dir, tmp_path):
+    """method.teacher_precision=bf16 with an fp32 student: the same rollouts, a loss within bf16 rounding
+    of the fp32-scored one, and not the same bits (the teacher really ran in bf16)."""
+    model, tok = tiny_model
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=6))
+    runs = []
+    for precision in ("fp32", "bf16"):
+        cfg = METHOD_SCHEMAS["sdft"](
+            prompts_per_step=2, micro_batch_size=2, max_steps=1, teacher_precision=precision
+        )
+        layout = RunLayout(tmp_path / precision)
+        METHODS["sdft"](make_ctx(copy.deepcopy(model), tok, cfg, layout.train(1, "copy"), layout), task)
+        runs.append(json.loads(layout.metrics_log.read_text().splitlines()[0]))
+    fp32, bf16 = runs
+    assert fp32["train/completion_len_mean"] == bf16["train/completion_len_mean"]
+    assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=0.1)
+    assert bf16["train/entropy_teacher"] != fp32["train/entropy_teacher"]
+    assert bf16["train/entropy_student"] == fp32["train/entropy_student"]
+
+
 def test_sft_loss_is_the_demonstration_nll(tiny_model, copy_task_dir, tmp_path):
     """At lr -> 0 the first logged SFT loss equals a brute-force NLL of prompt + demonstration."""
     from sdft_cli.tasks import encode_messages, encode_target, student_messages

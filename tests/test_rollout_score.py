@@ -45,6 +45,20 @@ def test_greedy_batch_equals_one_by_one(tiny_model):
         assert batched.truncated[i] == alone.truncated[0] and batched.texts[i] == alone.texts[0]
 
 
+def test_min_new_tokens_suppresses_the_end_until_the_cap(tiny_model):
+    """rollout.min_new_tokens = max: every completion is exactly that long (a benchmark's fixed work)."""
+    model, tok = tiny_model
+    prompts = [tok(t)["input_ids"] for t in ("hi", "a much longer prompt here")]
+    probe = generate_hf(model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0), [tok.eos_token_id])
+    eos = [tok.eos_token_id, int(probe.completion_ids[0, 1])]  # the first prompt would stop at token 2
+    free = generate_hf(model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0), eos)
+    assert free.lengths[0] <= 2
+    forced = generate_hf(
+        model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=12), eos
+    )
+    assert forced.lengths == [12, 12] and forced.truncated == [True, True]
+
+
 def test_the_models_generation_config_does_not_leak_into_sampling(tiny_model):
     """A repetition penalty in the model's generation_config.json must not change what is generated."""
     model, tok = tiny_model

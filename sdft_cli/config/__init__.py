@@ -111,6 +111,9 @@ class RolloutConfig:
     top_k: int = 0
     # null = the task's max_new_tokens.
     max_new_tokens: int | None = None
+    # Suppress end-of-sequence before this many tokens: every completion as long as the cap when equal to
+    # it (benchmarks that need a fixed amount of work per step; completions are then run-on text).
+    min_new_tokens: int = 0
     # Prompts per generate() call.
     batch_size: int = 32
     # Weights dtype of the generation copy, synced from the student every step: auto = bf16 when the
@@ -127,6 +130,7 @@ class RolloutConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _nonneg("rollout.top_k", self.top_k)
+        _nonneg("rollout.min_new_tokens", self.min_new_tokens)
         _positive("rollout.batch_size", self.batch_size)
         if self.max_new_tokens is not None:
             _positive("rollout.max_new_tokens", self.max_new_tokens)

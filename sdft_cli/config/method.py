@@ -109,6 +109,9 @@ class SDFTConfig(MethodConfig):
     # ema: EMA of the student (paper); frozen: the student at the start of the task; live: the student itself.
     teacher: str = "ema"
     ema_alpha: float = 0.01
+    # Compute precision of the teacher's scoring forward (no gradient flows through it): auto = that of
+    # the student (model.precision); bf16 scores under bf16 autocast while the student trains in fp32.
+    teacher_precision: str = "auto"
     # Who samples the completions: student (on-policy, SDFT) or teacher (offline distillation).
     generate_from: str = "student"
     # Truncated importance weight per sequence, mean over its loss tokens of min(p_train/p_sampler, cap):
@@ -128,6 +131,7 @@ class SDFTConfig(MethodConfig):
         except ValueError as e:
             raise ConfigError(f"method.{e}") from None
         _choice("method.teacher", self.teacher, ("ema", "frozen", "live"))
+        _choice("method.teacher_precision", self.teacher_precision, ("auto", "fp32", "bf16"))
         _choice("method.generate_from", self.generate_from, ("student", "teacher"))
         _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
         _nonneg("method.skip_first_tokens", self.skip_first_tokens)

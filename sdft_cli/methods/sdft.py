@@ -18,7 +18,7 @@ from sdft_cli.config import SDFTConfig
 from sdft_cli.divergence import k3
 from sdft_cli.logger import Timer, TokenMeans, append_jsonl
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
-from sdft_cli.models import autocast, inference_dtype
+from sdft_cli.models import autocast, autocast_dtype, inference_dtype
 from sdft_cli.objective import importance_weights, loss_mask, token_weights
 from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, inference_copy, sync_weights
 from sdft_cli.score import completion_hidden, output_head
@@ -52,6 +52,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         top_k=ctx.rollout.top_k,
         batch_size=ctx.rollout.batch_size,
         logprobs=tis,
+        min_new_tokens=ctx.rollout.min_new_tokens,
     )
     generate = ROLLOUT_BACKENDS[ctx.rollout.backend]
     on_policy = cfg.generate_from == "student"
@@ -81,6 +82,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     opt, sched = build_optimizer(student, cfg.optim, total)
     state = resume(ctx, teacher, opt, sched, total)
     terms = distill_terms(spec)
+    auto = cfg.teacher_precision == "auto"
+    score_amp = ctx.autocast_dtype if auto else autocast_dtype(cfg.teacher_precision, device)
 
     bar = tqdm(
         total=total, initial=state.step, desc=f"{cfg.name} {task.name}", disable=not ctx.progress, leave=False
@@ -117,10 +120,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             seq_ids = torch.arange(len(mb), device=device).unsqueeze(-1).expand(sel.shape)[sel]
             with timer("score"), torch.no_grad():
                 t_ctx = [teacher_ctx[idx[j]] for j in mb]
-                h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[
-                    sel
-                ]
+                h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, score_amp)[sel]
                 head_t, _ = output_head(teacher.model)  # after the forward: a sharded root is gathered
+                if ctx.autocast_dtype is None:  # scored in bf16, read by the fp32 loss
+                    h_t = h_t.to(head_t.weight.dtype)
             with timer("update"):
                 s_ctx = [student_ctx[idx[j]] for j in mb]
                 h_s = completion_hidden(student, s_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
