@@ -64,7 +64,8 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b, strict=True):
         for key in ("train/loss", "train/grad_norm", "train/completion_len_mean"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+            # logged with 6 decimals; one process steps AdamW fused, two processes step it per tensor
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=3e-6), (ra["step"], key)
     # the weights moved (lr 3e-3 over 6 steps), and both runs moved them the same way
     base = load_file(str(next(Path(os.environ["SDFT_CACHE"]).glob("models/tiny-random-*/model.safetensors"))))
     wa, wb = weights(one, "model/model.safetensors"), weights(two, "model/model.safetensors")
