@@ -76,19 +76,19 @@ class DivergenceSpec:
         return self.divergence
 
 
-def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """sum_v p (log p - log q) over the last dim, with 0 * log 0 = 0 (-inf logits are allowed).
 
     The mask is applied to the log-ratio before the product, so masked entries get zero gradient
-    rather than 0 * inf = NaN.
+    rather than 0 * inf = NaN. ``p`` is ``log_p.exp()`` when the caller already has it.
     """
-    p = log_p.exp()
+    p = log_p.exp() if p is None else p
     diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
     return (p * diff).sum(-1)
 
 
-def entropy_from_logp(log_p: torch.Tensor) -> torch.Tensor:
-    p = log_p.exp()
+def entropy_from_logp(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    p = log_p.exp() if p is None else p
     return -(p * torch.where(p > 0, log_p, torch.zeros_like(p))).sum(-1)
 
 
@@ -187,9 +187,8 @@ def forward_kl_terms_and_grad(
     log_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     p_s, p_t = log_s.exp(), log_t.exp()
-    value = (p_t * torch.where(p_t > 0, log_t - log_s, torch.zeros_like(p_t))).sum(-1)
-    ent_s = -(p_s * torch.where(p_s > 0, log_s, torch.zeros_like(p_s))).sum(-1)
-    ent_t = -(p_t * torch.where(p_t > 0, log_t, torch.zeros_like(p_t))).sum(-1)
+    value = kl(log_t, log_s, p_t)
+    ent_s, ent_t = entropy_from_logp(log_s, p_s), entropy_from_logp(log_t, p_t)
     lp_s = log_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     grad = p_s.sub_(p_t).mul_((weights / temperature).unsqueeze(-1))

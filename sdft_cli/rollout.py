@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdft_cli import distributed
 from sdft_cli.models import autocast
 
 
@@ -238,7 +239,7 @@ def sync_weights(engine, student) -> None:
     if any(hasattr(p, "full_tensor") for _, p in params):  # sharded: gather one tensor at a time
         for (name, e), (twin, p) in zip(engine.named_parameters(), params, strict=True):
             assert name == twin, f"inference copy and student differ: {name} vs {twin}"
-            e.copy_(p.detach().full_tensor())
+            e.copy_(distributed.full(p.detach()))
         return
     torch._foreach_copy_(list(engine.parameters()), [p.detach() for _, p in params])
 

@@ -88,6 +88,10 @@ def test_run_subdir_sanitises():
         (["method.optim.betas=[0.9,1.5]"], "method.optim.betas must be two values in [0, 1)"),
         (["task.facts.scorer=bleu"], "task.facts.scorer='bleu' is not one of"),
         (["eval.probes.capitals.scorer=bleu"], "eval.probes.capitals.scorer='bleu'"),
+        (["method.teacher_precision=fp16"], "method.teacher_precision='fp16'"),
+        (["rollout.max_new_tokens=8", "rollout.min_new_tokens=9"], "rollout.min_new_tokens (9) exceeds"),
+        (["dist.backend=mpi"], "dist.backend='mpi'"),
+        (["dist.timeout_min=0"], "dist.timeout_min must be > 0"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(override, message):

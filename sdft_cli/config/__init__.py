@@ -134,6 +134,11 @@ class RolloutConfig:
         _positive("rollout.batch_size", self.batch_size)
         if self.max_new_tokens is not None:
             _positive("rollout.max_new_tokens", self.max_new_tokens)
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ConfigError(
+                    f"rollout.min_new_tokens ({self.min_new_tokens}) exceeds rollout.max_new_tokens "
+                    f"({self.max_new_tokens})"
+                )
 
 
 @dataclass

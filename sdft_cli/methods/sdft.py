@@ -60,7 +60,6 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
 
     # ---------------------------------------------------------------- teacher, engine, optimizer, resume
     dist = distributed.current()
-    distributed.check_divisible("method.prompts_per_step", cfg.prompts_per_step)
     total = steps_per_task(cfg, len(task.train))
     student.train()
     # The teacher starts from the current student (the previous task's result), not the hub base.

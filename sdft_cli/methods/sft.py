@@ -33,7 +33,6 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     targets = [encode_target(tok, task.student(ex), ex.demonstration or "", ctx.eos_ids) for ex in task.train]
 
     # ---------------------------------------------------------------- optimizer, resume
-    distributed.check_divisible("method.prompts_per_step", cfg.prompts_per_step)
     total = steps_per_task(cfg, len(task.train))
     student.train()
     device = ctx.device or next(student.parameters()).device
