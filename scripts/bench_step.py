@@ -59,6 +59,12 @@ def parse_args(argv=None):
         "method.teacher_precision) while the student trains in fp32; fp32 = everything in fp32",
     )
     ap.add_argument("--ours-checkpointing", action="store_true", help="ours: method.gradient_checkpointing")
+    ap.add_argument(
+        "--ours-decoder",
+        choices=["auto", "generate"],
+        default="auto",
+        help="ours: rollout.decoder (auto: sdft_cli.decode's loop; generate: transformers generate)",
+    )
     ap.add_argument("--json-out", default="", help="write every measurement to this file")
     ap.add_argument("--worker", choices=["sdft", "sft"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -180,6 +186,7 @@ def worker(a) -> dict:
         min_new_tokens=a.completion_len,
         batch_size=a.batch_size,
         dtype="bfloat16" if bf16_inference else "auto",
+        decoder=a.ours_decoder,
     )
     amp = autocast_dtype("bf16" if a.bf16_autocast else "fp32", torch.device("cpu"))
     records, ends = [], []
@@ -242,6 +249,7 @@ def run_ours(a, method: str) -> dict:
         cmd += ["--bf16-autocast"] if a.bf16_autocast else []
         cmd += ["--ours-inference", a.ours_inference]
         cmd += ["--ours-checkpointing"] if a.ours_checkpointing else []
+        cmd += ["--ours-decoder", a.ours_decoder]
         subprocess.run(cmd, check=True, env=_env(a), stdout=subprocess.DEVNULL)
         return json.loads(Path(f.name).read_text())
 
@@ -325,7 +333,7 @@ def step_flops(model_dir: str, lengths: dict, batch: int, completion: int, weigh
     forward, student forward+backward (3x forward); and SFT's forward+backward on the demonstrations."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     s = statistics.mean(lengths["student"])
     t = statistics.mean(lengths["teacher"])
     y = statistics.mean(lengths["sft_target"])
@@ -398,7 +406,8 @@ def show(a, ours: dict, trl: dict | None, sft: dict, flops: dict, peak: float, b
     )
     print(
         f"ours: student fp32 weights{' + bf16 autocast' if a.bf16_autocast else ''}; rollouts and teacher "
-        f"scoring in {inference}; gradient checkpointing {'on' if a.ours_checkpointing else 'off'}"
+        f"scoring in {inference}; rollout.decoder={a.ours_decoder}; "
+        f"gradient checkpointing {'on' if a.ours_checkpointing else 'off'}"
     )
     mm = "bf16" if a.bf16_autocast else "fp32"
     print(f"machine: matmul {peak:.1f} GFLOP/s ({mm}), memory {bandwidth:.1f} GB/s")

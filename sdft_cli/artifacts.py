@@ -49,11 +49,31 @@ def _umask() -> int:
     return mask
 
 
+class DiskWriteError(RunDirError, OSError):
+    """A file or directory of the run could not be written (disk full, quota, file size limit, read-only
+    file system); the message names it. What was there before is left as it was."""
+
+
+def _raise_write_failed(path: Path, e: BaseException) -> None:
+    """Re-raise ``e`` as a ``DiskWriteError`` naming ``path`` when it is a failed write: an ``OSError``,
+    or a native writer's message (safetensors: "os error N"; torch.save: a short write); else as it is."""
+    text = str(e)
+    if not isinstance(e, OSError) and not any(
+        m in text for m in ("os error", "file write failed", "unexpected pos")
+    ):
+        raise e
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {text}"
+    raise DiskWriteError(f"cannot write {path}: {reason} (its previous content is unchanged)") from e
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        _raise_write_failed(path, e)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -61,9 +81,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        _raise_write_failed(path, e)
     _fsync_dir(path.parent)
     return path
 
@@ -92,16 +112,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An interrupted block leaves ``path`` as it was (a stale ``.tmp`` sibling is removed on the next try).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        _raise_write_failed(path, e)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _raise_write_failed(path, e)
     for f in tmp.rglob("*"):  # durable contents before the rename makes them visible
         if f.is_file():
             with open(f, "rb") as fh:
@@ -154,6 +177,59 @@ def is_complete(stage_dir: str | Path) -> bool:
 
 def read_manifest(stage_dir: str | Path) -> dict:
     return read_json(Path(stage_dir) / MANIFEST)
+
+
+class CorruptArtifactError(RunDirError):
+    """A stage or checkpoint does not match its manifest (truncated, altered or missing file, or a
+    manifest that is not valid JSON); the message names the file."""
+
+
+def verify_manifest(stage_dir: str | Path, checksums: bool = True) -> dict:
+    """The manifest of ``stage_dir``, after checking that every file it lists exists with its size and
+    (``checksums``) its sha256; raises ``CorruptArtifactError`` naming the first file that does not."""
+    stage_dir = Path(stage_dir)
+    path = stage_dir / MANIFEST
+    try:
+        manifest = read_json(path)
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifactError(f"{path} is not a valid manifest ({type(e).__name__}: {e})") from None
+    for rel, meta in files.items():
+        p = stage_dir / rel
+        if not p.is_file():
+            raise CorruptArtifactError(f"{p} is listed in {path} but missing")
+        size = p.stat().st_size
+        if not isinstance(meta, dict) or size != meta.get("bytes"):
+            want = meta.get("bytes") if isinstance(meta, dict) else meta
+            raise CorruptArtifactError(f"{p} has {size} bytes, {path} lists {want} (truncated or replaced)")
+        if checksums and "sha256" in meta and sha256_file(p) != meta["sha256"]:
+            raise CorruptArtifactError(f"{p} does not match the sha256 in {path} (corrupted)")
+    return manifest
+
+
+def invalidate(stage_dir: str | Path) -> None:
+    """Mark a stage incomplete so it is redone; its manifest is kept as ``.manifest.json.corrupt``."""
+    stage_dir = Path(stage_dir)
+    try:
+        os.replace(stage_dir / MANIFEST, stage_dir / f".{MANIFEST}.corrupt")
+    except FileNotFoundError:
+        pass
+
+
+def verified(stage_dir: str | Path, checksums: bool = True) -> bool:
+    """Whether ``stage_dir`` is complete and intact. A complete stage that does not match its manifest is
+    reported (with the file) and marked incomplete: it is redone rather than trusted."""
+    if not is_complete(stage_dir):
+        return False
+    try:
+        verify_manifest(stage_dir, checksums)
+    except CorruptArtifactError as e:
+        print(f"[sdft] {e}; {stage_dir} will be redone", flush=True)
+        invalidate(stage_dir)
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- layout
@@ -228,12 +304,14 @@ class RunLock:
         self._lock = FileLock(str(self.path))
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:
             who = self.owner.read_text().strip() if self.owner.exists() else "another process"
             raise RunDirError(f"run directory {self.path.parent} is in use by {who}") from None
+        except OSError as e:  # a read-only or full file system: one line naming the lock file
+            _raise_write_failed(self.path, e)
         atomic_write_text(self.owner, f"host={socket.gethostname()} pid={os.getpid()}\n")
         return self
 

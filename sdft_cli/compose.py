@@ -29,6 +29,9 @@ GROUPS = (
 )
 # Nested groups also accepted in dotted form, as their config key reads: eval.prior=paper -> eval/prior=paper.
 NESTED_GROUPS = ("eval/prior",)
+# Groups that take a list of options (the curriculum); every other group takes one.
+MULTI_GROUPS = ("task",)
+REQUIRED_GROUPS = ("model", "method", "rollout", "task", "eval", "logger")
 
 
 def register_configs() -> None:
@@ -88,7 +91,30 @@ def to_config(cfg: DictConfig) -> Config:
         raise ConfigError(format_omegaconf_error(e)) from None
     if not isinstance(obj, Config):  # pragma: no cover - the defaults list always starts with the schema
         raise ConfigError("the config does not extend schema_config")
+    unknown = _unknown_keys(OmegaConf.to_container(cfg), OmegaConf.to_container(OmegaConf.structured(obj)))
+    if unknown:
+        key, siblings = unknown
+        import difflib
+
+        close = difflib.get_close_matches(key.rpartition(".")[2], siblings, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: unknown key; it is not part of the config and would be ignored{hint}")
     return obj
+
+
+def _unknown_keys(given: object, typed: object, prefix: str = "") -> tuple[str, list[str]] | None:
+    """The first key of the composed config that the typed config does not have (one added with
+    ``+key=value``), with the keys that exist next to it; None when there is none."""
+    if not isinstance(given, dict) or not isinstance(typed, dict):
+        return None
+    for key, value in given.items():
+        full = f"{prefix}{key}"
+        if key not in typed:
+            return full, [str(k) for k in typed]
+        found = _unknown_keys(value, typed[key], full + ".")
+        if found:
+            return found
+    return None
 
 
 def format_omegaconf_error(e: Exception) -> str:
@@ -119,6 +145,7 @@ def compose_raw(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     register_configs()
     register_resolvers()
+    check_overrides(list(overrides))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
@@ -131,6 +158,41 @@ def compose_raw(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     return to_config(compose_raw(overrides))
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """What Hydra accepts but reports badly, or not at all, named by the override: a malformed override,
+    a list for a group that takes one option, a task twice in the curriculum (it would train once)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in expand_aliases(overrides):
+        try:
+            (o,) = parser.parse_overrides([text])
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = "; ".join(ln for ln in lines if not ln.startswith("See ") and set(ln) != {"^"})
+            raise ConfigError(f"malformed override {text!r}: {detail or type(e).__name__}") from None
+        if not o.key_or_group:
+            raise ConfigError(f"malformed override {text!r}: no key before '='")
+        group = o.key_or_group
+        if group in REQUIRED_GROUPS and (o.is_delete() or (not o.is_sweep_override() and o.value() is None)):
+            raise ConfigError(f"{text}: every run needs a {group}; choose one with {group}=<option>")
+        if o.is_sweep_override() or o.is_delete():
+            continue
+        value = o.value()
+        if group in GROUPS and group not in MULTI_GROUPS and isinstance(value, list):
+            raise ConfigError(
+                f"{group} takes one option, got a list {text.partition('=')[2]}; sweep over options with "
+                f"-m {group}={','.join(str(v) for v in value)}"
+            )
+        if group in MULTI_GROUPS and isinstance(value, list):
+            twice = sorted({str(v) for v in value if value.count(v) > 1})
+            if twice:
+                raise ConfigError(
+                    f"{group}: {', '.join(twice)} appear(s) more than once in {text.partition('=')[2]}; "
+                    "a task trains once per run (to train it again, copy its config under another name)"
+                )
 
 
 def format_hydra_error(e: Exception) -> str:
@@ -146,4 +208,9 @@ def format_hydra_error(e: Exception) -> str:
     if isinstance(e, OmegaConfBaseException):
         return format_omegaconf_error(e)
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+    msg = lines[0] if lines else type(e).__name__
+    if e.__cause__ is not None:  # "Error merging override k=v" says where; its cause says what is wrong
+        cause = str(e.__cause__).splitlines()
+        if cause and cause[0].strip():
+            msg = f"{msg.rstrip('.')}: {cause[0].strip()}"
+    return msg

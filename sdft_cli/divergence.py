@@ -184,8 +184,25 @@ def forward_kl_terms_and_grad(
     objective), without building the graph of the softmaxes: fewer vocabulary-sized passes.
     """
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    log_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
+    if temperature != 1.0:
+        z_s, z_t = z_s / temperature, z_t / temperature
+    # With finite logits everything follows from the log-normalisers and three dot products over the
+    # vocabulary (log p = z - lse): KL = <p_T, z_T - z_S> - lse_T + lse_S, H = lse - <p, z>. That is
+    # about a third of the vocabulary-sized passes of the masked form below.
+    lse_s, lse_t = torch.logsumexp(z_s, dim=-1), torch.logsumexp(z_t, dim=-1)
+    p_s, p_t = torch.softmax(z_s, dim=-1), torch.softmax(z_t, dim=-1)
+    pt_zt, pt_zs, ps_zs = _dot(p_t, z_t), _dot(p_t, z_s), _dot(p_s, z_s)
+    value = (pt_zt - pt_zs) - (lse_t - lse_s)
+    ent_s, ent_t = lse_s - ps_zs, lse_t - pt_zt
+    if bool(torch.isfinite(torch.stack([value, ent_s, ent_t])).all()):
+        lp_s = z_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse_s
+        lp_t = z_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse_t
+        grad = p_s.sub_(p_t).mul_((weights / temperature).unsqueeze(-1))
+        return TokenTerms(value, value, lp_s, lp_t, ent_s, ent_t), grad
+    # -inf logits (masked vocabulary): 0 * log 0 = 0 needs the explicit masks
+    log_s = F.log_softmax(z_s, dim=-1)
+    log_t = F.log_softmax(z_t, dim=-1)
     p_s, p_t = log_s.exp(), log_t.exp()
     value = kl(log_t, log_s, p_t)
     ent_s, ent_t = entropy_from_logp(log_s, p_s), entropy_from_logp(log_t, p_t)
@@ -193,6 +210,11 @@ def forward_kl_terms_and_grad(
     lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     grad = p_s.sub_(p_t).mul_((weights / temperature).unsqueeze(-1))
     return TokenTerms(value, value, lp_s, lp_t, ent_s, ent_t), grad
+
+
+def _dot(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_v p * z over the last dim as a batched matrix product (no vocabulary-sized temporary)."""
+    return torch.matmul(p.unsqueeze(-2), z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
 def k3(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.Tensor:

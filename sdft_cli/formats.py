@@ -47,13 +47,19 @@ def toolalpaca(row: dict) -> dict:
         **{k: _need(row, k, "toolalpaca") for k in ("name", "description", "nl_documentation", "instruction")}
     )
     response = row.get("golden_response")
-    demonstration = "\n".join(response) if isinstance(response, list) else response
+    if isinstance(response, list):
+        if not all(isinstance(line, str) for line in response):
+            raise DataError("format toolalpaca: 'golden_response' must be a list of text lines")
+        response = "\n".join(response)
+    demonstration = response
     gold = row.get("golden_answer")
     answer = gold if gold is None or isinstance(gold, str) else json.dumps(gold, ensure_ascii=False)
     return {"prompt": prompt, "demonstration": demonstration, "answer": answer, "system": None}
 
 
 def _split_messages(messages: list[dict], fmt: str) -> tuple[str | None, str]:
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"format {fmt}: every message must be an object with a text 'content'")
     system = next((m["content"] for m in messages if m.get("role") == "system"), None)
     users = [m["content"] for m in messages if m.get("role") == "user"]
     if len(users) != 1:

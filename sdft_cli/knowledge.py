@@ -137,14 +137,16 @@ def generate(articles: list[Article], cfg: TaskConfig, out: Path, task: str) -> 
             return out / "qa.jsonl"
         endpoint = Endpoint(cfg.knowledge.generator, "knowledge QA generator")
         prompt = QA_PROMPT.format(n=cfg.knowledge.questions_per_article)
-        rows = []
+        rows, repeated = [], 0
         for i, article in enumerate(articles):
             reply_file = out / "replies" / f"{i:04d}.txt"
             if not reply_file.is_file():
                 message = prompt + ARTICLE.format(title=article.title, text=article.text)
                 print(f"[sdft] task {task}: writing QA pairs for {article.title!r} ({i + 1}/{len(articles)})")
                 atomic_write_text(reply_file, endpoint.complete([{"role": "user", "content": message}]))
-            pairs = dedupe(parse_pairs(reply_file.read_text(encoding="utf-8")))
+            parsed = parse_pairs(reply_file.read_text(encoding="utf-8"))
+            pairs = dedupe(parsed)
+            repeated += len(parsed) - len(pairs)
             if not pairs:
                 raise DataError(
                     f"task {task}: the generator wrote no 'Question: ... Answer: ...' pairs for article "
@@ -154,8 +156,15 @@ def generate(articles: list[Article], cfg: TaskConfig, out: Path, task: str) -> 
         write_jsonl(out / "qa.jsonl", rows)
         atomic_write_json(
             out / "manifest.json",
-            {"articles": len(articles), "pairs": len(rows), "generator": cfg.knowledge.generator.model},
+            {
+                "articles": len(articles),
+                "pairs": len(rows),
+                "repeated_questions_dropped": repeated,
+                "generator": cfg.knowledge.generator.model,
+            },
         )
+        if repeated:
+            print(f"[sdft] task {task}: dropped {repeated} repeated question(s); {len(rows)} QA pairs kept")
     return out / "qa.jsonl"
 
 

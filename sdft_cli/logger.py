@@ -1,7 +1,9 @@
 """Run logging: ``metrics.jsonl`` always, Weights & Biases when ``logger=wandb``, timers for named phases.
 
 Records are flat dicts with ``/``-namespaced keys (``train/loss``, ``time/rollout``, ``eval/facts/acc``).
-On resume the log is rewound to the checkpoint's step, so it never holds a step twice.
+On resume the log is rewound to the checkpoint's step, so it never holds a step twice. The command line
+recorded with a run (provenance.json, W&B's metadata) has credentials redacted: no environment variable
+is recorded, and the config holds only the names of the variables that hold keys.
 """
 
 from __future__ import annotations
@@ -9,14 +11,45 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from sdft_cli.artifacts import RunLayout, atomic_write_text
 from sdft_cli.config import LoggerConfig
+from sdft_cli.config.credentials import looks_secret
+
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: list[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` safe to record: the value of a credential-named override (``hydra.job.env_set.HF_TOKEN=...``)
+    and any occurrence of a credential-named environment variable's value are replaced."""
+    env = os.environ if env is None else env
+    secrets = sorted((v for k, v in env.items() if looks_secret(k) and len(v) >= 6), key=len, reverse=True)
+    out = []
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        if eq and looks_secret(key.lstrip("+~").rsplit(".", 1)[-1]):
+            arg = f"{key}={REDACTED}"
+        for value in secrets:
+            arg = arg.replace(value, REDACTED)
+        out.append(arg)
+    return out
+
+
+@contextmanager
+def _redacted_argv() -> Iterator[None]:
+    """W&B records ``sys.argv`` when a run starts: show it the redacted command line."""
+    saved = sys.argv
+    sys.argv = redact_argv(saved)
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 class Timer:
@@ -61,9 +94,17 @@ class TokenMeans:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")
-        f.flush()
+    from sdft_cli.artifacts import DiskWriteError
+
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")
+            f.flush()
+    except OSError as e:  # a full disk or quota: one error naming the file, as atomic writes give
+        reason = e.strerror or str(e)
+        raise DiskWriteError(
+            f"cannot append to {path}: {reason} (a torn last line is dropped when the run resumes)"
+        ) from e
 
 
 def rewind_jsonl(path: Path, keep) -> None:
@@ -91,17 +132,18 @@ class RunLogger:
             import wandb
 
             run_id = hashlib.sha1(str(layout.root.resolve()).encode()).hexdigest()[:16]
-            self.wandb = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                name=name,
-                id=run_id,
-                resume="allow",
-                dir=str(layout.root),
-                config=config,
-                tags=list(cfg.tags),
-                mode=cfg.mode or os.environ.get("WANDB_MODE") or "online",
-            )
+            with _redacted_argv():
+                self.wandb = wandb.init(
+                    project=cfg.project,
+                    entity=cfg.entity,
+                    name=name,
+                    id=run_id,
+                    resume="allow",
+                    dir=str(layout.root),
+                    config=config,
+                    tags=list(cfg.tags),
+                    mode=cfg.mode or os.environ.get("WANDB_MODE") or "online",
+                )
             self.wandb.define_metric("global_step")
             self.wandb.define_metric("*", step_metric="global_step")
 

@@ -121,8 +121,10 @@ def convert_smollm2(out: Path) -> Path:
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").is_file():
             return out
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        )
         model.hf_quantizer = None  # the weights are dense now; save them as plain safetensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -196,10 +198,32 @@ def build_tiny_model(out: Path, cfg: TinyModelConfig) -> Path:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: Path | str):
+@contextlib.contextmanager
+def _remote_code_refused(path: Path | str):
+    """transformers refuses a model whose config names Python code to run unless trusted; say which key."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(
+            f"{path} ships Python code that loading it would run (config.json auto_map); set "
+            "model.trust_remote_code=true only if you trust that code"
+        ) from None
+
+
+def load_config(path: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    with _remote_code_refused(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with _remote_code_refused(path):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     # Prompts are left-padded so every completion starts at the same position in a batch.
@@ -207,10 +231,20 @@ def load_tokenizer(path: Path | str):
     return tok
 
 
-def load_model(path: Path | str, dtype: str = "float32", device: torch.device | str = "cpu"):
+def load_model(
+    path: Path | str,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """The causal LM at ``path``. Weights load from safetensors only (a pickled ``.bin`` checkpoint is
+    refused); Python code shipped with the model runs only when trusted."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    with _remote_code_refused(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
     return model.to(device)
 
 

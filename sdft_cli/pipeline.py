@@ -33,13 +33,14 @@ from sdft_cli.artifacts import (
     atomic_write_text,
     is_complete,
     read_json,
+    verified,
     write_jsonl,
     write_manifest,
 )
-from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
+from sdft_cli.config import Config, SDFTConfig
 from sdft_cli.errors import ConfigError, RunDirError
 from sdft_cli.evaluate import evaluate_many, kl_to_base, pass_at_k
-from sdft_cli.logger import NullLogger, RunLogger
+from sdft_cli.logger import NullLogger, RunLogger, redact_argv
 from sdft_cli.methods import METHODS
 from sdft_cli.methods.context import TrainContext
 from sdft_cli.models import (
@@ -47,6 +48,7 @@ from sdft_cli.models import (
     eos_ids,
     generation_config,
     inference_dtype,
+    load_config,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -55,7 +57,7 @@ from sdft_cli.models import (
 from sdft_cli.preconditions import check_demonstrations, measure, print_table
 from sdft_cli.report import load_matrix, print_matrix, write_matrix
 from sdft_cli.rollout import generate_hf, inference_copy
-from sdft_cli.tasks import Task, check_lengths, load_prompts, load_task, resolve_teacher_template
+from sdft_cli.tasks import Task, check_lengths, load_inputs, resolve_teacher_template
 
 # Keys that do not change results: a run may be resumed with different values for them. (Batch sizes
 # of generation do: they change how a step's random stream maps to samples, and bf16 padding numerics.)
@@ -139,7 +141,7 @@ def write_provenance(layout: RunLayout) -> None:
         {
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(),
-            "argv": sys.argv,
+            "argv": redact_argv(sys.argv),
             "processes": distributed.current().world,
         }
     ]
@@ -182,7 +184,9 @@ class Run:
         """The base model in the evaluation dtype, loaded once on the CPU (for the KL-to-base diagnostic;
         it visits the accelerator only while that runs)."""
         if self._base is None:
-            base = load_model(self.base_path, self.cfg.model.dtype, torch.device("cpu"))
+            base = load_model(
+                self.base_path, self.cfg.model.dtype, torch.device("cpu"), self.cfg.model.trust_remote_code
+            )
             self._base = inference_copy(base, inference_dtype(self.cfg.eval.dtype, self.amp))
             self._base.requires_grad_(False)
         return self._base
@@ -316,6 +320,7 @@ class Run:
                 out_dir,
                 stage,
                 stage_task,
+                self.cfg.model.trust_remote_code,
             )
         atomic_write_json(out_dir / "results.json", cells)
         diag = {}
@@ -364,7 +369,7 @@ class Run:
         """Rebuild the matrix from every complete evaluation stage, write it, print it, log it."""
         names = list(self.tasks)
         dirs = [self.layout.base_eval()] + [self.layout.eval(i, n) for i, n in enumerate(names, 1)]
-        cells = [c for d in dirs if is_complete(d) for c in read_json(d / "results.json")]
+        cells = [c for d in dirs if verified(d) for c in read_json(d / "results.json")]
         diags = {
             f"{i}:{n}": read_json(d / "diagnostics.json")
             for i, (n, d) in enumerate(zip(names, dirs[1:], strict=True), start=1)
@@ -399,6 +404,9 @@ def run(cfg: Config) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    # before any model is built or loaded: unknown lm-eval tasks, code execution without the opt-in
+    lm_eval_tasks = prior.check(cfg.eval.prior, cfg.model.trust_remote_code)
+    inputs = load_inputs(cfg)  # likewise the task data: a bad file or row stops the run here
     # before the process group exists: a model built into the cache is written by whichever process
     # gets its lock first (transformers' save_pretrained writes on rank 0 only once torch.distributed is up)
     base_path = resolve_model_dir(cfg.model)
@@ -418,7 +426,7 @@ def run(cfg: Config) -> dict:
                 check_config(layout, cfg)
                 atomic_write_text(layout.config, config_yaml(cfg))
                 write_provenance(layout)
-            metrics = _run_sequence(cfg, layout, dist, device, base_path)
+            metrics = _run_sequence(cfg, layout, dist, device, base_path, lm_eval_tasks, inputs)
     finally:
         distributed.shutdown()
     if dist.main:
@@ -427,23 +435,25 @@ def run(cfg: Config) -> dict:
 
 
 def _run_sequence(
-    cfg: Config, layout: RunLayout, dist: distributed.Dist, device: torch.device, base_path: Path | str
+    cfg: Config,
+    layout: RunLayout,
+    dist: distributed.Dist,
+    device: torch.device,
+    base_path: Path | str,
+    lm_eval_tasks: object = None,
+    inputs: tuple | None = None,
 ) -> dict:
-    from transformers import AutoConfig
-
     amp = autocast_dtype(cfg.model.precision, device)
 
     # -------------------------------------------------------------------- inputs, checked before any work
-    tok = load_tokenizer(base_path)
+    trust = cfg.model.trust_remote_code
+    tok = load_tokenizer(base_path, trust)
     eos = eos_ids(tok, generation_config(base_path))
     context = cfg.model.max_context or int(
-        getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 2048)
+        getattr(load_config(base_path, trust), "max_position_embeddings", 2048)
     )
     sdft = isinstance(cfg.method, SDFTConfig)
-    tasks = {n: load_task(n, t, train=True, max_test=cfg.eval.max_items) for n, t in cfg.task.items()}
-    probes = {
-        n: load_task(n, p, train=False, max_test=cfg.eval.max_items) for n, p in cfg.eval.probes.items()
-    }
+    tasks, probes, prompts = inputs or load_inputs(cfg)
     for task in tasks.values():
         template = (
             resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template) if sdft else None
@@ -452,13 +462,11 @@ def _run_sequence(
         check_lengths(task, tok, context, rollout_tokens, template, None if sdft else eos)
     for probe in probes.values():
         check_lengths(probe, tok, context, probe.cfg.max_new_tokens)
-    if isinstance(cfg.method, SFTReinvokeConfig):  # the re-invocation prompts, before any work
-        prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
+    if prompts is not None:  # the re-invocation prompts (sft_reinvoke), before any work
         check_lengths(prompts, tok, context, prompts.cfg.max_new_tokens)
     distributed.check_divisible("method.prompts_per_step", cfg.method.prompts_per_step)
     if cfg.eval.preconditions:
         check_demonstrations(list(tasks.values()))
-    lm_eval_tasks = prior.check(cfg.eval.prior) if dist.main else None
 
     if dist.main:
         logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
@@ -478,7 +486,7 @@ def _run_sequence(
         """The student at ``path``; reuses the in-memory model when it already holds those weights."""
         if loaded["key"] != (str(path), str(where)):
             loaded["model"] = None
-            loaded["model"] = load_model(path, cfg.model.dtype, where)
+            loaded["model"] = load_model(path, cfg.model.dtype, where, trust)
             loaded["key"] = (str(path), str(where))
         return loaded["model"]
 
@@ -488,18 +496,18 @@ def _run_sequence(
     try:
         # ---------------------------------------------------------------- row 0: the base model (rank 0)
         if dist.main:
-            if not is_complete(layout.base_eval()):
+            if not verified(layout.base_eval()):  # a corrupt complete stage is reported and redone
                 state.eval_stage(layout.base_eval(), 0, "base", model_at(base_path), base_path)
             data = state.write_matrix(meta)
             if cfg.eval.preconditions:
-                if not is_complete(layout.preconditions()):
+                if not verified(layout.preconditions()):
                     state.precondition_stage(layout.preconditions(), model_at(base_path))
                 print_table(read_json(layout.preconditions() / "preconditions.json"))
 
         previous = base_path
         for i, name in enumerate(tasks, start=1):
             # ------------------------------------------------------------ train on task i (every rank)
-            if distributed.from_main(not is_complete(layout.train(i, name))):
+            if distributed.from_main(dist.main and not verified(layout.train(i, name))):
                 state.train_stage(i, name, model_at(previous, train_device), previous, device)
                 if dist.enabled:  # the in-memory student is sharded: evaluation reloads the saved one
                     loaded.update(key=None, model=None)
@@ -510,7 +518,7 @@ def _run_sequence(
             if dist.main:
                 # a crash while the finished stage dropped its checkpoints leaves them behind
                 shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)
-                if not is_complete(layout.eval(i, name)):
+                if not verified(layout.eval(i, name)):
                     model_dir = layout.model(i, name)
                     state.eval_stage(layout.eval(i, name), i, name, model_at(model_dir), model_dir)
                     data = state.write_matrix(meta)

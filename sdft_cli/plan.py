@@ -32,9 +32,9 @@ class TaskPlan:
 def count_parameters(cfg: Config) -> int | None:
     """Parameters of the model's architecture, from its config alone (None when it cannot be read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from sdft_cli.models import cache_dir
+    from sdft_cli.models import cache_dir, load_config
 
     if cfg.model.source == "hf":
         path = cfg.model.path
@@ -43,7 +43,7 @@ def count_parameters(cfg: Config) -> int | None:
     else:
         return None  # tiny and toy models: built locally, sized in docs
     try:
-        arch = AutoConfig.from_pretrained(path)
+        arch = load_config(path, cfg.model.trust_remote_code)
     except (OSError, ValueError):
         return None
     with torch.device("meta"):

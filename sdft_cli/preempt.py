@@ -5,7 +5,8 @@ and preempts with TERM. While a task trains, such a signal is held until the end
 the run saves a checkpoint there and hands the signal to the handler that was installed before ours:
 submitit's requeues the job and exits, and without one the process exits with 128 + the signal number.
 Outside training there is nothing to save beyond the finished stages, so the signal acts at once. A
-requeued job re-runs the same command line, which resumes from that checkpoint.
+requeued job re-runs the same command line, which resumes from that checkpoint. Ctrl-C (INT) is held the
+same way and exits with 130; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# submitit's preemption signal (its SUBMITIT_PREEMPT_SIGNAL), the other user signal, and TERM
-_NAMES = ("USR2", "USR1", "TERM")
+# submitit's preemption signal (its SUBMITIT_PREEMPT_SIGNAL), the other user signal, TERM and Ctrl-C
+_NAMES = ("USR2", "USR1", "TERM", "INT")
 # The exit status of a rank that stops because another rank of its job was signalled.
 PEER_EXIT = 143
 _pending: int | None = None
@@ -31,6 +32,9 @@ def _signals() -> list[int]:
 
 def _hold(signum: int, frame: object) -> None:
     global _pending
+    if signum == signal.SIGINT and _pending == signal.SIGINT:
+        _pending = None
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now (writes are atomic; the last checkpoint stays)
     _pending = signum
     name = signal.Signals(signum).name
     print(f"[sdft] {name}: saving a checkpoint at the end of this optimizer step", flush=True)
@@ -73,6 +77,8 @@ def act() -> None:
 
 def _act(signum: int, handlers: dict[int, object]) -> None:
     handler = handlers.get(signum, signal.SIG_DFL)
+    if handler is signal.default_int_handler:  # Ctrl-C without a handler of the caller's: exit 130
+        raise SystemExit(128 + signum)
     if callable(handler):
         handler(signum, None)  # submitit: requeue and exit; a handler that returns lets training go on
         return

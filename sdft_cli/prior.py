@@ -64,11 +64,17 @@ def _leaves(tm, name: str, seen: set[str] | None = None) -> Iterator[tuple[str, 
         yield name, cfg
 
 
-def check(cfg: PriorConfig):
-    """Before any work: every benchmark names a known lm-eval task, and a suite that would execute
-    model-written code (HumanEval) has the explicit opt-in. Returns the task manager (None: no suite)."""
+def check(cfg: PriorConfig, trust_remote_code: bool = False):
+    """Before any model is loaded: every benchmark names a known lm-eval task, a suite that would execute
+    model-written code (HumanEval) has the explicit opt-in, and the model's own code is trusted only
+    through ``model.trust_remote_code``. Returns the task manager (None: no suite)."""
     if not cfg.benchmarks:
         return None
+    if "trust_remote_code" in cfg.model_args and cfg.model_args["trust_remote_code"] != trust_remote_code:
+        raise ConfigError(
+            "eval.prior.model_args.trust_remote_code: set model.trust_remote_code instead (it applies to "
+            "every load of the model)"
+        )
     tm = task_manager(cfg)
     for name, bench in cfg.benchmarks.items():
         key = f"eval.prior.benchmarks.{name}"
@@ -95,7 +101,9 @@ def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def run_suite(cfg: PriorConfig, tm, model, tokenizer, path: Path, dtype: str) -> dict:
+def run_suite(
+    cfg: PriorConfig, tm, model, tokenizer, path: Path, dtype: str, trust_remote_code: bool = False
+) -> dict:
     """Run every benchmark on one model; one lm-eval call per distinct ``num_fewshot``."""
     import lm_eval
 
@@ -105,11 +113,18 @@ def run_suite(cfg: PriorConfig, tm, model, tokenizer, path: Path, dtype: str) ->
     if cfg.backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        lm: Any = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, **cfg.model_args)
+        args = {**cfg.model_args, "trust_remote_code": trust_remote_code}
+        lm: Any = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, **args)
         model_args = None
     else:
         lm = "vllm"
-        model_args = {"pretrained": str(path), "tokenizer": str(path), "dtype": dtype, **cfg.model_args}
+        model_args = {
+            "pretrained": str(path),
+            "tokenizer": str(path),
+            "dtype": dtype,
+            **cfg.model_args,
+            "trust_remote_code": trust_remote_code,
+        }
     by_shots: dict[int | None, list[str]] = {}
     for bench in cfg.benchmarks.values():
         tasks = by_shots.setdefault(bench.num_fewshot, [])
@@ -171,13 +186,22 @@ def cells(cfg: PriorConfig, results: dict, stage: int, stage_task: str) -> list[
 
 
 def evaluate(
-    cfg: PriorConfig, tm, model, tokenizer, path: Path, dtype: str, out_dir: Path, stage: int, stage_task: str
+    cfg: PriorConfig,
+    tm,
+    model,
+    tokenizer,
+    path: Path,
+    dtype: str,
+    out_dir: Path,
+    stage: int,
+    stage_task: str,
+    trust_remote_code: bool = False,
 ) -> list[dict]:
     """The suite's cells for one stage, reusing the stage's ``lm_eval.json`` when a run left one."""
     cached = out_dir / RESULTS
     if cached.is_file():
         results = read_json(cached)
     else:
-        results = run_suite(cfg, tm, model, tokenizer, path, dtype)
+        results = run_suite(cfg, tm, model, tokenizer, path, dtype, trust_remote_code)
         atomic_write_json(cached, results)
     return cells(cfg, results, stage, stage_task)

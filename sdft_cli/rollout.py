@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sdft_cli import distributed
+from sdft_cli.decode import Decoder, decoder_for, supported
 from sdft_cli.models import autocast
 
 
@@ -30,6 +31,8 @@ class Sampling:
     logprobs: bool = False
     # End-of-sequence is suppressed before this many tokens (benchmarks: a fixed amount of work).
     min_new_tokens: int = 0
+    # auto: the lean loop of sdft_cli.decode for the architectures it knows, else transformers generate.
+    decoder: str = "auto"
 
 
 @dataclass
@@ -118,7 +121,12 @@ def generate_hf(
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Rollouts:
-    """Sample (or greedily decode) one completion per prompt with transformers ``generate``."""
+    """Sample (or greedily decode) one completion per prompt from in-process weights: the lean loop of
+    ``sdft_cli.decode`` where it knows the architecture, else transformers ``generate``."""
+    lean = decoder_for(model) if sampling.decoder == "auto" and not isinstance(model, Decoder) else model
+    if isinstance(lean, Decoder):  # the lean loop (an owned, packed copy from ``rollout_copy``, or bound)
+        with autocast(autocast_dtype, lean.device):
+            return _generate_lean(lean, tokenizer, prompts, sampling, eos_ids, progress)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # buckets of similar length
@@ -180,6 +188,43 @@ def generate_hf(
     )
 
 
+def _generate_lean(
+    dec: Decoder,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    eos_ids: list[int],
+    progress: Callable[[int], None] | None = None,
+) -> Rollouts:
+    pad_id = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: list[torch.Tensor | None] = [None] * len(prompts)
+    lps: list[torch.Tensor] = [torch.zeros(0)] * len(prompts)
+    for start in range(0, len(order), sampling.batch_size):
+        idx = order[start : start + sampling.batch_size]
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        new, lp = dec.generate(
+            ids.to(dec.device),
+            mask.to(dec.device),
+            sampling.max_new_tokens,
+            eos_ids,
+            pad_id,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_new_tokens=sampling.min_new_tokens,
+            logprobs=sampling.logprobs,
+        )
+        new, lp = new.cpu(), (lp.cpu() if lp is not None else None)
+        for row, i in enumerate(idx):
+            outs[i] = new[row]
+            if lp is not None:
+                lps[i] = lp[row]
+        if progress is not None:
+            progress(len(idx))
+    return assemble(prompts, outs, lps if sampling.logprobs else None, tokenizer, eos_ids)
+
+
 def assemble(
     prompts: list[list[int]],
     seqs: list[torch.Tensor],
@@ -224,6 +269,15 @@ def inference_copy(model, dtype: torch.dtype | None, always: bool = False):
     copy_.requires_grad_(False)
     copy_.eval()
     return copy_
+
+
+def rollout_copy(model, dtype: torch.dtype | None, always: bool = False, decoder: str = "auto"):
+    """The rollout engine of a training run: ``inference_copy``, or, for architectures ``sdft_cli.decode``
+    knows, a ``Decoder`` holding its own fused (and, on CPUs, oneDNN-packed) copy of the weights."""
+    own = dtype if dtype is not None else next(model.parameters()).dtype
+    if decoder == "auto" and supported(model) and (always or own != next(model.parameters()).dtype):
+        return Decoder.detached(model, own)
+    return inference_copy(model, dtype, always=always)
 
 
 @torch.no_grad()

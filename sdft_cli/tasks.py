@@ -8,11 +8,13 @@ inside a teacher template (paper Sec. 3). Both are rendered with the model's cha
 from __future__ import annotations
 
 import importlib.resources
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdft_cli.config import ColumnsConfig, TaskConfig
+from sdft_cli.config import ColumnsConfig, Config, SFTReinvokeConfig, TaskConfig
 from sdft_cli.errors import ConfigError, DataError
 
 # The teacher context (paper Sec. 3). `paper` is the official code's string (leading/trailing newline,
@@ -91,16 +93,18 @@ def resolve_teacher_template(method_template: str | None, task_template: str | N
     return teacher_template(method_template or task_template or "paper")
 
 
-def teacher_template(name_or_text: str) -> str:
-    """A named template or a literal one: {prompt} and at least one of {demonstration} and {context}."""
+def teacher_template(name_or_text: str, key: str = "method.teacher_template") -> str:
+    """A named template or a literal one: {prompt} and at least one of {demonstration} and {context}.
+
+    ``key`` is the config key the value came from, for the error message."""
     if name_or_text in TEACHER_TEMPLATES:
         return TEACHER_TEMPLATES[name_or_text]
     if "{prompt}" not in name_or_text or not (
         "{demonstration}" in name_or_text or "{context}" in name_or_text
     ):
         raise ConfigError(
-            f"method.teacher_template is neither a known name ({', '.join(TEACHER_TEMPLATES)}) "
-            "nor a template containing {prompt} and {demonstration} (or {context})"
+            f"{key} is neither a known name ({', '.join(TEACHER_TEMPLATES)}) nor a template containing "
+            f"{{prompt}} and {{demonstration}} (or {{context}}); got {name_or_text[:60]!r}"
         )
     return name_or_text
 
@@ -188,13 +192,113 @@ def _load_rows(cfg: TaskConfig, kind: str, task: str, generate: bool = True) -> 
         return ds.to_list(), f"{cfg.path}[{split}]"
     path = _split_file(cfg, split, task)
     builder = {"bundled": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[cfg.source]
+    parsed = check_text_file(path, task, builder) if builder in ("json", "csv") else None
     try:
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+        rows = ds.to_list()  # Arrow decodes strings here: a late error must name the file too
     except Exception as e:
+        if parsed is None:
+            raise DataError(f"task {task}: cannot read {path}: {_reason(e)}") from None
+        # Arrow makes one table and refuses a column whose type changes between rows; the rows as read
+        # go through the same checks, which name the row and column at fault (or accept them).
+        rows = parsed
+        for i, row in enumerate(rows):
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"task {task}: {path} row {i} holds text that is not valid Unicode") from None
+    return rows, str(path)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of the innermost cause: `datasets` wraps the reader's own error (Arrow's, which
+    names the row) in a generic "An error occurred while generating the dataset"."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def check_text_file(path: Path, task: str, kind: str) -> list[dict] | None:
+    """Refuse a local JSON/JSONL or CSV file that is empty, not UTF-8, or (JSON) holds a line that is not
+    a JSON object, naming the file and its line, before `datasets` reads it: its errors name neither,
+    and some (undecodable bytes) surface only as a traceback when the rows are read.
+
+    Returns a JSON file's rows as read (None for CSV, or a JSON document of columns)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
         raise DataError(
-            f"task {task}: cannot read {path}: {str(e).splitlines()[0] if str(e) else e}"
+            f"task {task}: {path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
+            "save the file as UTF-8"
         ) from None
-    return ds.to_list(), str(path)
+    if not text.strip():
+        raise DataError(f"task {task}: {path} is empty (no rows)")
+    if kind != "json":
+        return None
+    if text.lstrip().startswith(("[", "{")):  # one JSON document (a list of rows, columns) rather than lines
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None  # not one document: JSON Lines, checked below
+        if isinstance(doc, list):
+            bad = next((i for i, r in enumerate(doc) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DataError(
+                    f"task {task}: {path} item {bad} is a JSON {_json_type(doc[bad])}, not an object"
+                )
+            if not doc:
+                raise DataError(f"task {task}: {path} is an empty JSON list (no rows)")
+            return doc
+        if isinstance(doc, dict):  # a document of columns, or a file of one row
+            return None if doc and all(isinstance(v, list) for v in doc.values()) else [doc]
+    rows = []
+    # "\n" only: str.splitlines would also split at U+2028 and other separators JSON strings may hold
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise DataError(f"task {task}: {path} line {n} has the key {e.args[0]!r} twice") from None
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"task {task}: {path} line {n} is not valid JSON: {e.msg} (column {e.colno})"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"task {task}: {path} line {n} is a JSON {_json_type(row)}, not an object of columns"
+            )
+        rows.append(row)
+    return rows
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique (Arrow refuses a repeated one without saying where)."""
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise _DuplicateKey(key)
+        row[key] = value
+    return row
+
+
+def _json_type(value: object) -> str:
+    names = {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        type(None): "null",
+    }
+    return names.get(type(value), "object" if isinstance(value, dict) else type(value).__name__)
 
 
 def _disk_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
@@ -233,62 +337,91 @@ def _toy_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
     return world.rows(cfg.path, split, limit or world.DEFAULT_ROWS[split], style=style)
 
 
-def _text(row: dict, column: str, task: str, where: str, i: int, required: bool) -> str | None:
+def _text(
+    row: dict, column: str, task: str, where: str, i: int, required: bool, structured: bool = False
+) -> str | None:
+    """One cell as text. Numbers are written as text (CSV columns arrive typed); an empty, whitespace-only
+    or NaN cell counts as missing. Lists and objects are JSON text where ``structured`` (reference answers
+    such as a tool call), and refused elsewhere: a prompt or demonstration must be text."""
     if column not in row:
         if required:
             raise DataError(f"task {task}: {where} row {i} has no column {column!r} (columns: {sorted(row)})")
         return None
     value = row[column]
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, (list, dict)) and not value)
+    ):
         if required:
             raise DataError(f"task {task}: {where} row {i} has an empty {column!r}")
         return None
-    if isinstance(value, (dict, list)):
-        import json
-
+    if isinstance(value, (dict, list)) and structured:
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(
+            f"task {task}: {where} row {i}: {column!r} must be text, not a JSON {_json_type(value)} "
+            f"({str(value)[:60]!r})"
+        )
     return str(value)
 
 
-def _examples(rows: list[dict], cfg: TaskConfig, task: str, where: str, train: bool) -> list[Example]:
-    """Validated examples: a training row needs a demonstration, a test row a reference answer."""
+def _examples(
+    rows: list[dict], positions: list[int], cfg: TaskConfig, task: str, where: str, train: bool
+) -> list[Example]:
+    """Validated examples: a training row needs a demonstration, a test row a reference answer.
+
+    ``positions``: each row's index in its split as read (before the ``sample_seed`` shuffle), the row
+    number every message names and the example's ``index``."""
     cols = cfg.columns
     if cfg.format != "columns":
         from sdft_cli.formats import FORMATS
 
         cols, adapted = ColumnsConfig(), []
-        for i, r in enumerate(rows):
+        for i, r in zip(positions, rows, strict=True):
             try:
                 adapted.append(FORMATS[cfg.format](r))
             except DataError as e:
                 raise DataError(f"task {task}: {where} row {i}: {e}") from None
+            except (AttributeError, KeyError, TypeError, ValueError) as e:  # a row of another shape
+                raise DataError(
+                    f"task {task}: {where} row {i}: not a {cfg.format} row ({type(e).__name__}: {e})"
+                ) from None
         rows = adapted
     return [
         Example(
             index=i,
             prompt=_text(r, cols.prompt, task, where, i, True),  # type: ignore[arg-type]
             demonstration=_text(r, cols.demonstration, task, where, i, train),
-            answer=_text(r, cols.answer, task, where, i, not train),
-            system=r.get("system") if cfg.format != "columns" else None,
+            answer=_text(r, cols.answer, task, where, i, not train, structured=True),
+            system=_text(r, "system", task, where, i, False) if cfg.format != "columns" else None,
             context=_text(r, cols.context, task, where, i, False),
         )
-        for i, r in enumerate(rows)
+        for i, r in zip(positions, rows, strict=True)
     ]
 
 
 def _sampled_rows(
     cfg: TaskConfig, kind: str, name: str, limit: int | None, generate: bool = True
-) -> tuple[list[dict], str]:
-    """The rows of one split, shuffled by ``sample_seed`` (when set), then capped at ``limit``."""
+) -> tuple[list[dict], list[int], str]:
+    """The rows of one split, shuffled by ``sample_seed`` (when set), then capped at ``limit``; with
+    each row's position in the split as read."""
     rows, where = _load_rows(cfg, kind, name, generate)
+    positions = list(range(len(rows)))
     if cfg.sample_seed is not None:
         import random
 
-        random.Random(f"{cfg.sample_seed}:{kind}").shuffle(rows)
-    rows = rows[:limit] if limit else rows
+        order = list(range(len(rows)))  # the same permutation as shuffling the rows themselves
+        random.Random(f"{cfg.sample_seed}:{kind}").shuffle(order)
+        rows, positions = [rows[i] for i in order], order
+    rows, positions = (rows[:limit], positions[:limit]) if limit else (rows, positions)
     if not rows:
         raise DataError(f"task {name}: {where} has no rows")
-    return rows, where
+    bad = next((i for i, r in zip(positions, rows, strict=True) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"task {name}: {where} row {bad} is not a mapping of columns to values")
+    return rows, positions, where
 
 
 def load_task(
@@ -300,8 +433,8 @@ def load_task(
     splits = [("train", cfg.max_train)] if train else []
     splits.append(("test", min((x for x in (cfg.max_test, max_test) if x), default=None)))
     for kind, limit in splits:
-        rows, where = _sampled_rows(cfg, kind, name, limit, generate)
-        setattr(task, kind, _examples(rows, cfg, name, where, train=kind == "train"))
+        rows, positions, where = _sampled_rows(cfg, kind, name, limit, generate)
+        setattr(task, kind, _examples(rows, positions, cfg, name, where, train=kind == "train"))
         if kind == "test" and cfg.scorer == "regex":
             _check_patterns(task, where)
     return task
@@ -310,13 +443,27 @@ def load_task(
 def load_prompts(name: str, cfg: TaskConfig) -> Task:
     """A prompt set (its train split, capped by max_train): prompts only, for training phases whose
     teacher needs no demonstration (re-invocation)."""
-    rows, where = _sampled_rows(cfg, "train", name, cfg.max_train)
+    rows, positions, where = _sampled_rows(cfg, "train", name, cfg.max_train)
     prompt = cfg.columns.prompt
     train = [
         Example(index=i, prompt=_text(r, prompt, name, where, i, True) or "", demonstration=None, answer=None)
-        for i, r in enumerate(rows)
+        for i, r in zip(positions, rows, strict=True)
     ]
     return Task(name=name, cfg=cfg, train=train)
+
+
+def load_inputs(cfg: Config) -> tuple[dict[str, Task], dict[str, Task], Task | None]:
+    """Every task, probe and (``sft_reinvoke``) prompt set of a run, loaded and validated: the run
+    loads them before it builds or loads a model or writes its directory, so a bad file or row costs
+    nothing but the error."""
+    tasks = {n: load_task(n, t, train=True, max_test=cfg.eval.max_items) for n, t in cfg.task.items()}
+    probes = {
+        n: load_task(n, p, train=False, max_test=cfg.eval.max_items) for n, p in cfg.eval.probes.items()
+    }
+    prompts = None
+    if isinstance(cfg.method, SFTReinvokeConfig):
+        prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
+    return tasks, probes, prompts
 
 
 def _check_patterns(task: Task, where: str) -> None:

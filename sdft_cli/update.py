@@ -3,7 +3,9 @@
 A checkpoint is a directory: the student in Hugging Face format (``model/``), the teacher's fp32
 weights (``teacher.safetensors``), optimizer, scheduler and RNG state (``trainer_state.pt``) and the
 step (``state.json``); its ``manifest.json`` is written last. Resuming restores all of it, so a resumed
-task continues exactly where it stopped.
+task continues exactly where it stopped. A checkpoint is checked against its manifest (sizes right after
+it is written, before older ones are deleted; sha256 before it is resumed), and no checkpoint or final
+model with a NaN/inf weight or optimizer value is ever written.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ import json
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sdft_cli import distributed
-from sdft_cli.artifacts import MANIFEST, atomic_dir, is_complete, write_manifest
+from sdft_cli.artifacts import (
+    MANIFEST,
+    CorruptArtifactError,
+    atomic_dir,
+    invalidate,
+    is_complete,
+    verified,
+    verify_manifest,
+    write_manifest,
+)
 from sdft_cli.config import MethodConfig, OptimConfig
+from sdft_cli.errors import SdftError
 
 # ----------------------------------------------------------------------------- schedule and batches
 
@@ -131,15 +143,92 @@ class Teacher:
 class TrainState:
     step: int = 0
     total_steps: int = 0
+    # steps skipped for a non-finite loss or gradient (on_nonfinite=skip), and how many in a row
+    skipped: list[int] = field(default_factory=list)
+    skip_streak: int = 0
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+
+class NonFiniteError(SdftError):
+    """A step's loss or gradient is NaN/inf (``on_nonfinite=stop``, or too many consecutive skips), or a
+    state about to be saved holds NaN/inf; the message names the task, step and rows, or the tensor."""
+
+
+def check_step(
+    cfg: OptimConfig, state: TrainState, loss: float, grad_norm, where: dict, rows: list[int], logger=None
+) -> bool:
+    """Whether the step about to be applied (``state.step + 1``) is finite on every rank.
+
+    One check of the step's loss and of the total gradient norm (clipping computed it), and one flag
+    reduced over ranks, so all ranks stop or skip together. A non-finite step is logged; with
+    ``on_nonfinite=skip`` it is counted in ``state`` and False is returned (the caller leaves the
+    weights, optimizer and teacher alone), otherwise ``NonFiniteError`` is raised before anything
+    else is written. ``where``: stage, task and logged step; ``rows``: the row indices to name.
+    """
+    norm = distributed.scalar(grad_norm)
+    if not distributed.any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
+        state.skip_streak = 0
+        return True
+    step = where.get("step", state.step + 1)
+    skip = cfg.on_nonfinite == "skip" and state.skip_streak < cfg.max_nonfinite_skips
+    what = (
+        f"stage {where.get('stage')} (task {where.get('task')}): step {step} has a non-finite loss ({loss}) "
+        f"or gradient norm ({norm}) on rows {sorted(rows)}"
+    )
+    if logger is not None and distributed.current().main:
+        action = "skip" if skip else "stop"
+        # no "step" key: the step's own record (if it is skipped) is the one that counts as a step
+        at = {k: v for k, v in where.items() if k != "step"}
+        logger.log({**at, "event": "nonfinite", "at_step": step, "rows": sorted(rows), "action": action})
+    if not skip:
+        why = (
+            f"after {state.skip_streak} consecutive skipped steps, method.optim.max_nonfinite_skips"
+            if cfg.on_nonfinite == "skip"
+            else "method.optim.on_nonfinite=stop"
+        )
+        raise NonFiniteError(f"{what}; stopping ({why}): the step was neither applied nor saved")
+    state.skipped.append(step)
+    state.skip_streak += 1
+    print(f"[sdft] {what}: skipped ({len(state.skipped)} so far)", flush=True)
+    return False
+
+
+def _nonfinite(tree, prefix: str = "") -> str | None:
+    """The name of the first floating tensor in a nested dict/list that holds NaN/inf (save time only)."""
+    if isinstance(tree, torch.Tensor):
+        bad = tree.is_floating_point() and not bool(torch.isfinite(tree).all())
+        return (prefix or "tensor") if bad else None
+    items = (
+        tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else ()
+    )
+    for k, v in items:
+        if (bad := _nonfinite(v, f"{prefix}.{k}" if prefix else str(k))) is not None:
+            return bad
+    return None
+
+
+def ensure_finite(path: Path, **trees) -> None:
+    """Refuse to write ``path`` when a weight or optimizer value is NaN/inf (every rank agrees)."""
+    bad = next((f"{name}: {b}" for name, t in trees.items() if (b := _nonfinite(t)) is not None), None)
+    if distributed.any_rank(bad is not None):
+        raise NonFiniteError(f"not writing {path}: {bad or 'another rank'} holds NaN/inf")
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Plain types and tensors only, so ``torch.load(weights_only=True)`` reads it back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    numpy.update(has_gauss=int(has_gauss), gauss=float(gauss))
+    return {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
 
 
@@ -173,8 +262,12 @@ def save_checkpoint(path: Path, student, tokenizer, teacher: Teacher, opt, sched
     weights = distributed.full_state(student) if distributed.is_sharded(student) else None
     teacher_state = teacher.state_dict()
     optimizer = distributed.optimizer_state(student, opt)
+    student_state = weights if weights is not None else student.state_dict()
+    ensure_finite(path, student=student_state, teacher=teacher_state, optimizer=optimizer)
     if not distributed.current().main:
         return path
+    meta = {"step": state.step, "total_steps": state.total_steps}
+    meta.update(skipped=state.skipped, skip_streak=state.skip_streak)
     with atomic_dir(path) as tmp:
         save_model(tmp / "model", student, tokenizer, weights)
         save_teacher(tmp / "teacher.safetensors", teacher_state)
@@ -182,40 +275,80 @@ def save_checkpoint(path: Path, student, tokenizer, teacher: Teacher, opt, sched
             {"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": _rng_state()},
             tmp / "trainer_state.pt",
         )
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "total_steps": state.total_steps}))
+        (tmp / "state.json").write_text(json.dumps(meta))
         write_manifest(tmp, {"step": state.step, "teacher": teacher.kind})
     return path
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (incomplete ones, without a manifest, are ignored)."""
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step_*") if is_complete(p)]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+def _step_of(p: Path) -> int:
+    return int(p.name.split("_")[1])
+
+
+def latest_checkpoint(root: Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``root`` that matches its manifest (``verify``: sizes and
+    sha256). Incomplete ones (no manifest) are ignored; a corrupt one is reported with the file, marked
+    incomplete, and the next older one is tried. Rank 0 decides for every rank."""
+    choice = None
+    if distributed.current().main and root.is_dir():
+        done = sorted((p for p in root.glob("step_*") if is_complete(p)), key=_step_of, reverse=True)
+        for p in done:
+            if not verify or verified(p):
+                choice = str(p)
+                break
+        if verify and done and choice != str(done[0]):
+            fallback = (
+                f"falling back to {choice}" if choice else "no intact checkpoint: starting the task over"
+            )
+            print(f"[sdft] {fallback}", flush=True)
+    choice = distributed.gather(choice)[0]
+    return Path(choice) if choice else None
 
 
 def load_checkpoint(path: Path, student, teacher: Teacher, opt, sched) -> TrainState:
-    """Restore student weights, teacher, optimizer, scheduler and RNG from ``path``."""
+    """Restore student weights, teacher, optimizer, scheduler and RNG from ``path``.
+
+    The trainer state holds plain types and tensors only and is read with ``weights_only=True``;
+    a file that cannot be read raises ``CorruptArtifactError`` naming it, before anything is restored.
+    """
     from safetensors.torch import load_file
 
     from sdft_cli.models import load_model
 
+    try:
+        trainer = torch.load(path / "trainer_state.pt", weights_only=True)
+        meta = json.loads((path / "state.json").read_text())
+    except Exception as e:  # noqa: BLE001  (unpickling and JSON errors have many types)
+        raise CorruptArtifactError(
+            f"{path}: cannot read its trainer state ({type(e).__name__}: {e})"
+        ) from None
     loaded = load_model(path / "model", dtype=str(next(student.parameters()).dtype).removeprefix("torch."))
     distributed.load_full_state(student, loaded.state_dict())
     del loaded
     if (path / "teacher.safetensors").is_file():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
-    trainer = torch.load(path / "trainer_state.pt", weights_only=False)
     distributed.load_optimizer_state(student, opt, trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
-    meta = json.loads((path / "state.json").read_text())
-    return TrainState(step=meta["step"], total_steps=meta["total_steps"])
+    return TrainState(
+        step=meta["step"],
+        total_steps=meta["total_steps"],
+        skipped=list(meta.get("skipped", [])),
+        skip_streak=int(meta.get("skip_streak", 0)),
+    )
 
 
 def prune_checkpoints(root: Path, keep: Path | None) -> None:
-    """Delete checkpoints but ``keep``; the manifest goes first, so a half-deleted one is never used."""
+    """Delete checkpoints but ``keep``; the manifest goes first, so a half-deleted one is never used.
+
+    ``keep`` (just written) is checked against its manifest first (every file present, sizes): a bad
+    one raises ``CorruptArtifactError`` naming the file and the older checkpoints stay.
+    """
+    if keep is not None:
+        try:
+            verify_manifest(keep, checksums=False)
+        except CorruptArtifactError:
+            invalidate(keep)
+            raise
     for p in root.glob("step_*"):
         if p != keep:
             (p / MANIFEST).unlink(missing_ok=True)
@@ -227,6 +360,8 @@ def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher
     the stage manifest (the stage is done). Every rank calls it; rank 0 writes."""
     weights = distributed.full_state(student) if distributed.is_sharded(student) else None
     teacher_state = teacher.state_dict() if teacher is not None else {}
+    student_state = weights if weights is not None else student.state_dict()
+    ensure_finite(train_dir / "model", student=student_state, teacher=teacher_state)
     if not distributed.current().main:
         return train_dir / "model"
     with atomic_dir(train_dir / "model") as tmp:
@@ -234,9 +369,14 @@ def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher
     if teacher_state:
         with atomic_dir(train_dir / "teacher") as tmp:
             save_teacher(tmp / "teacher.safetensors", teacher_state)
-    # complete first, then drop the checkpoints: a crash in between leaves only garbage, never a state
-    # that a re-run would misread
+    # complete and checked first, then drop the checkpoints: a crash in between leaves only garbage,
+    # never a state that a re-run would misread
     write_manifest(train_dir, info, exclude=("checkpoints",))
+    try:
+        verify_manifest(train_dir, checksums=False)
+    except CorruptArtifactError:
+        invalidate(train_dir)  # the checkpoints stay: a re-run resumes from them
+        raise
     prune_checkpoints(train_dir / "checkpoints", keep=None)
     shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
     return train_dir / "model"
@@ -244,10 +384,13 @@ def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher
 
 __all__ = [
     "MANIFEST",
+    "NonFiniteError",
     "Teacher",
     "TrainState",
     "batch_indices",
     "build_optimizer",
+    "check_step",
+    "ensure_finite",
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",

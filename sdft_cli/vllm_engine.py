@@ -36,7 +36,15 @@ def _load_weights(worker, weights):  # runs on the engine's worker (same process
 class VLLMEngine:
     """One vLLM ``LLM`` over a local HF directory, with weight sync and sleep/wake."""
 
-    def __init__(self, model_dir: Path, cfg: RolloutConfig, dtype: torch.dtype, seed: int, max_len: int):
+    def __init__(
+        self,
+        model_dir: Path,
+        cfg: RolloutConfig,
+        dtype: torch.dtype,
+        seed: int,
+        max_len: int,
+        trust_remote_code: bool = False,
+    ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm.cpu_kv_cache_gib))
         try:
@@ -60,6 +68,7 @@ class VLLMEngine:
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
             enforce_eager=self.cfg.enforce_eager,
+            trust_remote_code=trust_remote_code,
         )
 
     # ------------------------------------------------------------------ weights
@@ -122,21 +131,29 @@ class VLLMEngine:
 _ENGINES: dict[str, VLLMEngine] = {}
 
 
+def runs_remote_code(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is an instance of code shipped with its checkpoint. transformers builds such a
+    class only under ``model.trust_remote_code=true``, so the engine serving the same checkpoint may run
+    that code too; any other model gets an engine that refuses it."""
+    return type(model).__module__.startswith("transformers_modules.")
+
+
 def rollout_engine(ctx, sampler: torch.nn.Module, dtype: torch.dtype | None):
     """The vLLM engine of ``ctx.rollout`` for ``sampler``: colocate engines live for the whole process
     (engine start-up is slow; every task pushes its weights first), checkpoint engines per task."""
     cfg: RolloutConfig = ctx.rollout
     dtype = dtype or next(sampler.parameters()).dtype
     max_len = int(getattr(sampler.config, "max_position_embeddings", 4096))
+    trust = runs_remote_code(sampler)
     if cfg.vllm.mode == "checkpoint":
-        return CheckpointEngine(ctx.train_dir, ctx.tokenizer, cfg, dtype, ctx.seed, max_len)
+        return CheckpointEngine(ctx.train_dir, ctx.tokenizer, cfg, dtype, ctx.seed, max_len, trust)
     if "colocate" not in _ENGINES:
         source = ctx.previous_dir or ctx.base_dir
         if source is None:  # only the architecture matters: the weights are pushed before each rollout
             source = ctx.train_dir / "rollout_model"
             sampler.save_pretrained(source)
             ctx.tokenizer.save_pretrained(source)
-        _ENGINES["colocate"] = VLLMEngine(Path(source), cfg, dtype, ctx.seed, max_len)
+        _ENGINES["colocate"] = VLLMEngine(Path(source), cfg, dtype, ctx.seed, max_len, trust)
     return _ENGINES["colocate"]
 
 
@@ -158,7 +175,9 @@ def eval_engine(cfg, model: torch.nn.Module, path: Path, amp: torch.dtype | None
     if "colocate" not in _ENGINES:
         dtype = inference_dtype(cfg.eval.dtype, amp) or next(model.parameters()).dtype
         max_len = int(getattr(model.config, "max_position_embeddings", 4096))
-        _ENGINES["colocate"] = VLLMEngine(Path(path), cfg.rollout, dtype, cfg.seed, max_len)
+        _ENGINES["colocate"] = VLLMEngine(
+            Path(path), cfg.rollout, dtype, cfg.seed, max_len, cfg.model.trust_remote_code
+        )
     engine = _ENGINES["colocate"]
     engine.push(model)
     return engine
@@ -177,12 +196,19 @@ class CheckpointEngine:
     """``vllm.mode=checkpoint``: a fresh engine from the student saved every ``sync_every`` pushes."""
 
     def __init__(
-        self, work_dir: Path, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, seed: int, max_len: int
+        self,
+        work_dir: Path,
+        tokenizer,
+        cfg: RolloutConfig,
+        dtype: torch.dtype,
+        seed: int,
+        max_len: int,
+        trust_remote_code: bool = False,
     ):
         self.dir, self.tokenizer, self.args = (
             work_dir / "rollout_model",
             tokenizer,
-            (cfg, dtype, seed, max_len),
+            (cfg, dtype, seed, max_len, trust_remote_code),
         )
         self.engine: VLLMEngine | None = None
         self.pushes = 0

@@ -75,6 +75,27 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
 
+def train_context(model, tok, cfg, layout, task: str = "copy", seed: int = 0, stage: int = 1, rollout=None):
+    """A ``TrainContext`` for calling a method directly: fp32 rollouts, no autocast, a quiet logger."""
+    from sdft_cli.config import LoggerConfig, RolloutConfig
+    from sdft_cli.logger import RunLogger
+    from sdft_cli.methods.context import TrainContext
+
+    return TrainContext(
+        model=model,
+        tokenizer=tok,
+        method=cfg,
+        rollout=rollout or RolloutConfig(dtype="float32"),
+        autocast_dtype=None,
+        eos_ids=[tok.eos_token_id],
+        seed=seed,
+        stage=stage,
+        train_dir=layout.train(stage, task),
+        logger=RunLogger(LoggerConfig(), layout, {}, "t"),
+        progress=False,
+    )
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

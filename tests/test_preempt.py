@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from conftest import SDFT, SMOKE, sdft
 
@@ -37,6 +38,26 @@ def test_signals_are_held_during_training_and_handed_on_after_the_step():
         signal.signal(signal.SIGUSR2, previous)
 
 
+def test_a_held_ctrl_c_exits_with_130_and_a_second_one_stops_at_once():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with preempt.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                assert preempt.requested()  # held: the step goes on
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            with pytest.raises(SystemExit) as e:
+                preempt.act()
+            assert e.value.code == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_without_a_handler_the_held_signal_exits_with_128_plus_its_number():
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -57,7 +78,8 @@ def records(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_path, tiny_model_dir, sig):
     # save_every=0: no periodic checkpoints, so the one found after the signal is the preemption's
     args = [*SMOKE, "task=[facts]", "method.epochs=100", "method.max_steps=30", "method.save_every=0"]
     run = tmp_path / "r"
@@ -73,10 +95,11 @@ def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, out
-    assert "SIGTERM: saving a checkpoint" in out
+    assert proc.returncode == 128 + sig, out
+    assert f"{signal.Signals(sig).name}: saving a checkpoint" in out
+    assert "Traceback" not in out
     (ckpt,) = (run / "t01_facts" / "train" / "checkpoints").glob("step_*")
     step = int(ckpt.name.split("_")[1])
     assert 3 <= step < 30 and (ckpt / "manifest.json").is_file()

@@ -15,7 +15,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from sdft_cli.config.checks import _choice, _nonneg, _positive
+from sdft_cli.config.checks import _choice, _finite, _nonempty, _nonneg, _positive
+from sdft_cli.config.credentials import check_no_literal_secrets
 from sdft_cli.config.evaluation import BenchmarkConfig, EvalConfig, PassAtKConfig, PriorConfig
 from sdft_cli.config.method import (
     METHOD_SCHEMAS,
@@ -86,6 +87,7 @@ class VLLMConfig:
         _positive("rollout.vllm.sync_every", self.sync_every)
         _positive("rollout.vllm.tensor_parallel_size", self.tensor_parallel_size)
         _positive("rollout.vllm.cpu_kv_cache_gib", self.cpu_kv_cache_gib)
+        _finite("rollout.vllm.gpu_memory_utilization", self.gpu_memory_utilization)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -119,14 +121,17 @@ class RolloutConfig:
     # Weights dtype of the generation copy, synced from the student every step: auto = bf16 when the
     # compute precision is bf16 (decoding is bound by reading weights), else the student itself.
     dtype: str = "auto"
+    # backend hf: auto = sdft_cli.decode's KV-cache loop for Llama/Mistral/Qwen2/Qwen3 (fused, oneDNN-packed
+    # weights on CPUs), transformers generate for other architectures; generate = always generate.
+    decoder: str = "auto"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
         _choice("rollout.backend", self.backend, ("hf", "vllm"))
         self.vllm.check()
         _choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        if self.temperature < 0:
-            raise ConfigError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        _choice("rollout.decoder", self.decoder, ("auto", "generate"))
+        _nonneg("rollout.temperature", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _nonneg("rollout.top_k", self.top_k)
@@ -202,6 +207,17 @@ class Config:
             raise ConfigError("model.path must be set when model.source=hf (a hub id or a local directory)")
         if not isinstance(self.method, MethodConfig):
             raise ConfigError("method must be one of: " + ", ".join(METHOD_SCHEMAS))
+        if METHOD_SCHEMAS.get(self.method.name) is not type(self.method):
+            # the name picks the training loop; the schema was picked by method=<option>
+            raise ConfigError(
+                f"method.name={self.method.name!r} does not match the chosen method "
+                f"({type(self.method).__name__}); choose a method with method=<name> "
+                f"({', '.join(METHOD_SCHEMAS)})"
+            )
+        _nonempty("run_dir", self.run_dir)
+        _nonempty("name", self.name)
+        if self.threads is not None:
+            _positive("threads", self.threads)
         if not self.task:
             raise ConfigError("task: the task sequence is empty; choose tasks with task=[a,b,...]")
         for name, task in self.task.items():
@@ -221,3 +237,4 @@ class Config:
         if overlap:
             raise ConfigError(f"task, eval.probes and eval.prior.benchmarks share names: {overlap}")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_no_literal_secrets("", self)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from omegaconf import MISSING
 
-from sdft_cli.config.checks import _choice, _nonneg, _positive
+from sdft_cli.config.checks import _choice, _finite, _nonneg, _positive
 from sdft_cli.config.task import TaskConfig
 from sdft_cli.errors import ConfigError
 
@@ -22,14 +22,22 @@ class OptimConfig:
     warmup_steps: int = 10
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
+    # A step whose loss or total gradient norm is NaN/inf: stop (an error naming the task, step and rows)
+    # or skip (no optimizer or teacher update; counted in metrics.jsonl and the stage manifest).
+    on_nonfinite: str = "stop"
+    # With skip: this many consecutive skipped steps are allowed; one more stops the run.
+    max_nonfinite_skips: int = 3
 
     def __post_init__(self) -> None:
         _positive("method.optim.lr", self.lr)
         _nonneg("method.optim.warmup_steps", self.warmup_steps)
         _choice("method.optim.schedule", self.schedule, ("cosine", "constant", "linear"))
-        _positive("method.optim.max_grad_norm", self.max_grad_norm)
+        if not self.max_grad_norm > 0:  # NaN fails; inf is allowed and means no clipping
+            raise ConfigError(f"method.optim.max_grad_norm must be > 0, got {self.max_grad_norm}")
         _positive("method.optim.eps", self.eps)
         _nonneg("method.optim.weight_decay", self.weight_decay)
+        _choice("method.optim.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _positive("method.optim.max_nonfinite_skips", self.max_nonfinite_skips)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"method.optim.betas must be two values in [0, 1), got {self.betas}")
 
@@ -126,6 +134,8 @@ class SDFTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive("method.temperature", self.temperature)
+        _finite("method.jsd_beta", self.jsd_beta)
         try:
             self.spec().check()  # the objective's own rules, one place
         except ValueError as e:
@@ -135,10 +145,14 @@ class SDFTConfig(MethodConfig):
         _choice("method.generate_from", self.generate_from, ("student", "teacher"))
         _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
         _nonneg("method.skip_first_tokens", self.skip_first_tokens)
+        if self.teacher_template is not None:
+            from sdft_cli.tasks import teacher_template
+
+            teacher_template(self.teacher_template, "method.teacher_template")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
-        if self.is_cap < 1.0:
-            raise ConfigError(f"method.is_cap must be >= 1, got {self.is_cap}")
+        if not 1.0 <= self.is_cap < float("inf"):  # NaN fails too
+            raise ConfigError(f"method.is_cap must be >= 1 and finite, got {self.is_cap}")
 
     def spec(self):
         """The per-token objective as the loss code takes it (same field names)."""

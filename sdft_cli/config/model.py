@@ -21,6 +21,19 @@ class TinyModelConfig:
     max_position_embeddings: int = 1024
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.check("model.tiny")
+
+    def check(self, key: str) -> None:
+        sizes = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings")
+        for name in sizes:
+            _positive(f"{key}.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{key}.hidden_size ({self.hidden_size}) must be a multiple of {key}.num_heads "
+                f"({self.num_heads})"
+            )
+
 
 @dataclass
 class ToyWorldConfig(TinyModelConfig):
@@ -40,7 +53,8 @@ class ToyWorldConfig(TinyModelConfig):
     demo_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
+        self.check("model.toy")
+        for key in ("steps", "batch_size"):
             _positive(f"model.toy.{key}", getattr(self, key))
         _positive("model.toy.lr", self.lr)
         if not (
@@ -65,6 +79,9 @@ class ModelConfig:
     precision: str = "auto"
     # Longest prompt + completion the model accepts; null = config.max_position_embeddings.
     max_context: int | None = None
+    # Run Python code shipped with the model directory (config.json's auto_map) when loading it
+    # (transformers, vLLM, lm-eval). Off: that code never runs and a model needing it is refused.
+    trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
@@ -72,3 +89,5 @@ class ModelConfig:
         _choice("model.source", self.source, ("hf", "smollm2", "tiny_random", "toy_world"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.precision", self.precision, ("auto", "fp32", "bf16"))
+        if self.max_context is not None:
+            _positive("model.max_context", self.max_context)

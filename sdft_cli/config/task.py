@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from sdft_cli.config.checks import _choice, _nonneg, _positive
+from sdft_cli.config.checks import _choice, _nonempty, _nonneg, _positive
+from sdft_cli.config.credentials import check_env_name
 from sdft_cli.errors import ConfigError
 
 
@@ -41,10 +42,15 @@ class EndpointConfig:
 
     def check(self, key: str) -> None:
         """Value checks; ``key`` is this endpoint's full config key (``eval.judge``)."""
+        check_env_name(f"{key}.api_key_env", self.api_key_env)
         _nonneg(f"{key}.max_retries", self.max_retries)
         _positive(f"{key}.timeout", self.timeout)
         if self.requests_per_second is not None:
             _positive(f"{key}.requests_per_second", self.requests_per_second)
+        if self.temperature is not None:
+            _nonneg(f"{key}.temperature", self.temperature)
+        if self.max_tokens is not None:
+            _positive(f"{key}.max_tokens", self.max_tokens)
 
 
 @dataclass
@@ -129,3 +135,12 @@ class TaskConfig:
                 _positive(f"{key}.{name}", getattr(self, name))
         if self.source == "knowledge":
             self.knowledge.check(f"{key}.knowledge")
+        _nonempty(f"{key}.path", self.path)
+        for name in ("train_split", "test_split"):
+            _nonempty(f"{key}.{name}", getattr(self, name))
+        for name in ("prompt", "demonstration", "answer", "context"):
+            _nonempty(f"{key}.columns.{name}", getattr(self.columns, name))
+        if self.teacher_template is not None:
+            from sdft_cli.tasks import teacher_template
+
+            teacher_template(self.teacher_template, f"{key}.teacher_template")

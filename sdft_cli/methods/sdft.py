@@ -6,6 +6,7 @@ Reads top to bottom; `sft.py` is a copy-modify of this file.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -15,15 +16,24 @@ from tqdm.auto import tqdm
 from sdft_cli import distributed
 from sdft_cli.chunked import distill_terms, fused_loss, sampled_logprobs
 from sdft_cli.config import SDFTConfig
+from sdft_cli.decode import Decoder
 from sdft_cli.divergence import k3
 from sdft_cli.logger import Timer, TokenMeans, append_jsonl
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
 from sdft_cli.models import autocast, autocast_dtype, inference_dtype
 from sdft_cli.objective import importance_weights, loss_mask, token_weights
-from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, inference_copy, sync_weights
+from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, rollout_copy, sync_weights
 from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.tasks import Task, encode_messages, resolve_teacher_template
-from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, step_seed, steps_per_task
+from sdft_cli.update import (
+    Teacher,
+    batch_indices,
+    build_optimizer,
+    check_step,
+    save_final,
+    step_seed,
+    steps_per_task,
+)
 
 
 def use_importance_sampling(cfg: SDFTConfig, backend: str, temperature: float) -> bool:
@@ -53,6 +63,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         batch_size=ctx.rollout.batch_size,
         logprobs=tis,
         min_new_tokens=ctx.rollout.min_new_tokens,
+        decoder=ctx.rollout.decoder,
     )
     generate = ROLLOUT_BACKENDS[ctx.rollout.backend]
     on_policy = cfg.generate_from == "student"
@@ -74,7 +85,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         engine = rollout_engine(ctx, sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
     else:  # copied before sharding: each rank decodes with whole weights
         dtype = inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype)
-        engine = inference_copy(sampler, dtype, always=dist.enabled).to(device)
+        engine = rollout_copy(sampler, dtype, always=dist.enabled, decoder=ctx.rollout.decoder)
+        engine = engine if isinstance(engine, Decoder) else engine.to(device)
     if dist.enabled:
         distributed.shard(student, device)
         teacher.shard(device)
@@ -99,6 +111,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             ro = generate(
                 engine, tok, [sample_ctx[i] for i in idx], sampling, ctx.eos_ids, ctx.autocast_dtype
             )
+            if isinstance(engine, Decoder):
+                engine.release()  # rebuilt by the next sync; not resident during scoring and the update
         lmask = loss_mask(ro.completion_mask, cfg.skip_first_tokens)
         # normalised over the whole batch (every rank's tokens): gradients are summed over ranks
         normalizer = (
@@ -108,7 +122,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         )
 
         # ------------------------------------------------------------ score + update, per micro-batch
-        step_loss, tokens, is_w = 0.0, TokenMeans(), []
+        step_loss, tokens, is_w, bad_rows = 0.0, TokenMeans(), [], []
         for start in range(0, len(idx), cfg.micro_batch_size):
             mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
             width = max(1, int(ro.completion_mask[mb].sum(-1).max()))  # trim shared right padding
@@ -157,6 +171,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 distributed.reshard(teacher.model)
             with torch.no_grad():
                 step_loss += float(out.loss)
+                if not math.isfinite(step_loss) and not bad_rows:  # the first micro-batch that went bad
+                    bad_rows = [idx[j] for j in mb]
                 st = {k: v.cpu() for k, v in out.stats.items()}
                 on_loss = lm[sel.cpu()]
                 on_comp = torch.ones_like(on_loss)
@@ -171,10 +187,14 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         with timer("optim"):
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             lr = sched.get_last_lr()[0]
-            opt.step()
+            where = {"stage": ctx.stage, "task": task.name, "step": ctx.step_offset + state.step + 1}
+            apply = check_step(cfg.optim, state, step_loss, grad_norm, where, bad_rows or batch, ctx.logger)
+            if apply:  # a skipped step leaves the weights, optimizer and teacher as they were
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            teacher.update(student)
+            if apply:
+                teacher.update(student)
         state.step += 1
 
         stats = tokens.means()
@@ -189,6 +209,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},
             "train/grad_norm": round(distributed.scalar(grad_norm), 6),
+            "train/skipped_steps": len(state.skipped),
             "train/lr": lr,
             "train/completion_len_mean": sum(lengths) / len(lengths),
             "train/completion_len_max": max(lengths),
@@ -215,5 +236,5 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         )
         maybe_checkpoint(ctx, teacher, opt, sched, state)
     bar.close()
-    info = {"method": cfg.name, "task": task.name, "steps": total}
+    info = {"method": cfg.name, "task": task.name, "steps": total, "skipped_steps": state.skipped}
     return save_final(ctx.train_dir, student, tok, info, teacher if cfg.save_teacher else None)

@@ -5,6 +5,7 @@ batches, schedule, checkpoints and logs as `sdft.py`, of which this file is a co
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sdft_cli.models import autocast
 from sdft_cli.objective import token_weights
 from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.tasks import Task, encode_messages, encode_target
-from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
+from sdft_cli.update import Teacher, batch_indices, build_optimizer, check_step, save_final, steps_per_task
 
 
 def train_task(ctx: TrainContext, task: Task) -> Path:
@@ -66,7 +67,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         )
 
         # ------------------------------------------------------------ update, per micro-batch
-        step_loss, tokens = 0.0, TokenMeans()
+        step_loss, tokens, bad_rows = 0.0, TokenMeans(), []
         for start in range(0, len(idx), cfg.micro_batch_size):
             mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
             w = max(1, int(cmask_all[mb].sum(-1).max()))
@@ -92,6 +93,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 out.loss.backward()
             with torch.no_grad():
                 step_loss += float(out.loss)
+                if not math.isfinite(step_loss) and not bad_rows:  # the first micro-batch that went bad
+                    bad_rows = [idx[j] for j in mb]
                 ones = torch.ones(int(sel.sum()))
                 tokens.add("nll", out.stats["value"].cpu(), ones)
                 tokens.add("entropy_student", out.stats["entropy_student"].cpu(), ones)
@@ -101,7 +104,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         with timer("optim"):
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             lr = sched.get_last_lr()[0]
-            opt.step()
+            where = {"stage": ctx.stage, "task": task.name, "step": ctx.step_offset + state.step + 1}
+            if check_step(cfg.optim, state, step_loss, grad_norm, where, bad_rows or batch, ctx.logger):
+                opt.step()  # a skipped step leaves the weights and optimizer as they were
             sched.step()
             opt.zero_grad(set_to_none=True)
         state.step += 1
@@ -117,6 +122,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             "train/loss": round(step_loss, 6),
             **{f"train/{k}": round(v, 6) for k, v in stats.items()},
             "train/grad_norm": round(distributed.scalar(grad_norm), 6),
+            "train/skipped_steps": len(state.skipped),
             "train/lr": lr,
             "train/completion_len_mean": sum(lengths) / len(lengths),
             "train/completion_len_max": max(lengths),
@@ -128,4 +134,5 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         bar.set_postfix(loss=f"{step_loss:.3f}")
         maybe_checkpoint(ctx, no_teacher, opt, sched, state)
     bar.close()
-    return save_final(ctx.train_dir, student, tok, {"method": cfg.name, "task": task.name, "steps": total})
+    info = {"method": cfg.name, "task": task.name, "steps": total, "skipped_steps": state.skipped}
+    return save_final(ctx.train_dir, student, tok, info)
