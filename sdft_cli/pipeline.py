@@ -245,6 +245,7 @@ class Run:
             base_dir=self.base_path,
             previous_dir=previous,
             device=device,
+            trust_remote_code=self.cfg.model.trust_remote_code,
         )
         if self.cfg.method.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # active in train mode only: generation (eval mode) keeps its KV cache

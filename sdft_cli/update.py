@@ -114,13 +114,13 @@ class Teacher:
         s = [distributed.local(p.detach()).to(torch.float32) for p in student.parameters()]
         torch._foreach_lerp_(t, s, self.alpha)
 
-    def load_weights(self, model_dir: Path) -> None:
+    def load_weights(self, model_dir: Path, trust_remote_code: bool = False) -> None:
         """Replace a frozen or EMA teacher's weights by those of the HF directory ``model_dir``."""
         from sdft_cli.models import load_model
 
         if self.kind == "live":
             raise ValueError("a live teacher is the student itself; it has no weights of its own")
-        self.model.load_state_dict(load_model(model_dir).state_dict())
+        self.model.load_state_dict(load_model(model_dir, trust_remote_code=trust_remote_code).state_dict())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole teacher on the CPU (every rank takes part; ranks > 0 get ``{}``)."""
@@ -304,7 +304,9 @@ def latest_checkpoint(root: Path, verify: bool = True) -> Path | None:
     return Path(choice) if choice else None
 
 
-def load_checkpoint(path: Path, student, teacher: Teacher, opt, sched) -> TrainState:
+def load_checkpoint(
+    path: Path, student, teacher: Teacher, opt, sched, trust_remote_code: bool = False
+) -> TrainState:
     """Restore student weights, teacher, optimizer, scheduler and RNG from ``path``.
 
     The trainer state holds plain types and tensors only and is read with ``weights_only=True``;
@@ -321,7 +323,8 @@ def load_checkpoint(path: Path, student, teacher: Teacher, opt, sched) -> TrainS
         raise CorruptArtifactError(
             f"{path}: cannot read its trainer state ({type(e).__name__}: {e})"
         ) from None
-    loaded = load_model(path / "model", dtype=str(next(student.parameters()).dtype).removeprefix("torch."))
+    dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+    loaded = load_model(path / "model", dtype=dtype, trust_remote_code=trust_remote_code)
     distributed.load_full_state(student, loaded.state_dict())
     del loaded
     if (path / "teacher.safetensors").is_file():

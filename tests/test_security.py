@@ -17,7 +17,7 @@ from conftest import REPO, SMOKE, ChatServer, sdft, write_jsonl
 
 from sdft_cli import pipeline
 from sdft_cli.compose import compose
-from sdft_cli.config import BenchmarkConfig, PriorConfig
+from sdft_cli.config import BenchmarkConfig, OptimConfig, PriorConfig
 from sdft_cli.errors import ConfigError
 from sdft_cli.logger import REDACTED, redact_argv
 from sdft_cli.models import load_config, load_model, load_tokenizer
@@ -326,3 +326,20 @@ def test_api_keys_never_reach_the_run_directory_hydra_or_wandb(tmp_path, monkeyp
     needles = {name: value.encode() for name, value in keys.items()}
     assert files_containing(run, needles) == []
     assert files_containing(tmp_path, needles) == []  # the judge's cache and anything else written
+
+
+def test_a_trusted_custom_code_model_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    from sdft_cli.update import Teacher, TrainState, build_optimizer, load_checkpoint, save_checkpoint
+
+    marker = tmp_path / "marker.txt"
+    model_dir = custom_code_model(tiny_model_dir, tmp_path / "custom", marker)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    student = load_model(model_dir, trust_remote_code=True)
+    opt, sched = build_optimizer(student, OptimConfig(), 4)
+    teacher = Teacher("ema", student, 0.1)
+    ckpt = save_checkpoint(tmp_path / "step_000001", student, load_tokenizer(model_dir), teacher, opt, sched,
+                           TrainState(1, 4))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"set model.trust_remote_code=true"):
+        load_checkpoint(ckpt, student, teacher, opt, sched)  # the default refuses the saved model's code
+    assert load_checkpoint(ckpt, student, teacher, opt, sched, trust_remote_code=True).step == 1
+    teacher.load_weights(ckpt / "model", trust_remote_code=True)

@@ -47,6 +47,8 @@ class TrainContext:
     # Where training runs (None = where the model is); a distributed run loads the model on the CPU and
     # sharding moves each rank's shard here.
     device: torch.device | None = None
+    # model.trust_remote_code: also for reloading checkpoints and earlier results of a custom-code model
+    trust_remote_code: bool = False
 
     @property
     def pad_id(self) -> int:
@@ -67,7 +69,7 @@ def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> Train
     if ckpt is None:
         state = TrainState(step=0, total_steps=total)
     else:
-        state = load_checkpoint(ckpt, ctx.model, teacher, opt, sched)
+        state = load_checkpoint(ckpt, ctx.model, teacher, opt, sched, ctx.trust_remote_code)
         print(f"[sdft] stage {ctx.stage}: resuming from {ckpt} (step {state.step}/{total})", flush=True)
     if distributed.current().main:
         ctx.logger.rewind(ctx.stage, ctx.step_offset + state.step)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from sdft_cli import distributed
-from sdft_cli.artifacts import is_complete
+from sdft_cli.artifacts import verified
 from sdft_cli.config import SDFTConfig, SFTConfig, SFTReinvokeConfig
 from sdft_cli.methods import sdft, sft
 from sdft_cli.methods.context import TrainContext
@@ -50,7 +50,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     # ---------------------------------------------------------------- phase 1: SFT on the task
     sft_dir = ctx.train_dir / "sft"
     model = ctx.model
-    if not distributed.from_main(is_complete(sft_dir)):
+    # verified on rank 0 only (a corrupt one is reported and redone), the decision shared
+    if not distributed.from_main(distributed.current().main and verified(sft_dir)):
         sft.train_task(dataclasses.replace(ctx, method=sft_cfg, train_dir=sft_dir), task)
         if distributed.current().main:
             shutil.rmtree(sft_dir / "checkpoints", ignore_errors=True)
@@ -61,7 +62,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         # resumed between the phases: the in-memory student is the previous task's, load the SFT result
         from sdft_cli.models import load_model
 
-        ctx.model.load_state_dict(load_model(sft_dir / "model").state_dict())
+        ctx.model.load_state_dict(
+            load_model(sft_dir / "model", trust_remote_code=ctx.trust_remote_code).state_dict()
+        )
 
     # ---------------------------------------------------------------- phase 2: re-invocation
     teacher = ctx.base_dir if cfg.reinvoke.teacher == "base" else ctx.previous_dir
@@ -82,7 +85,7 @@ def _reload(ctx: TrainContext, path: Path):
     from sdft_cli.models import load_model
 
     dtype = str(next(ctx.model.parameters()).dtype).removeprefix("torch.")
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, trust_remote_code=ctx.trust_remote_code)
     if ctx.method.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

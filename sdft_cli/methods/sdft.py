@@ -76,7 +76,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     # The teacher starts from the current student (the previous task's result), not the hub base.
     teacher = Teacher(cfg.teacher, student, cfg.ema_alpha)
     if ctx.teacher_init is not None:  # a teacher from other weights (re-invocation: the base model)
-        teacher.load_weights(ctx.teacher_init)
+        teacher.load_weights(ctx.teacher_init, ctx.trust_remote_code)
     sampler = student if on_policy else teacher.model
     device = ctx.device or next(student.parameters()).device
     if ctx.rollout.backend == "vllm":
