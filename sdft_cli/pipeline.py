@@ -441,8 +441,8 @@ def _run_sequence(
     dist: distributed.Dist,
     device: torch.device,
     base_path: Path | str,
-    lm_eval_tasks: object = None,
-    inputs: tuple | None = None,
+    lm_eval_tasks: object,
+    inputs: tuple,
 ) -> dict:
     amp = autocast_dtype(cfg.model.precision, device)
 
@@ -454,7 +454,7 @@ def _run_sequence(
         getattr(load_config(base_path, trust), "max_position_embeddings", 2048)
     )
     sdft = isinstance(cfg.method, SDFTConfig)
-    tasks, probes, prompts = inputs or load_inputs(cfg)
+    tasks, probes, prompts = inputs
     for task in tasks.values():
         template = (
             resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template) if sdft else None

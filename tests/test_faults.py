@@ -21,11 +21,11 @@ from conftest import train_context, write_jsonl
 from sdft_cli.artifacts import RunLayout, is_complete, read_manifest, verify_manifest
 from sdft_cli.config import METHOD_SCHEMAS, OptimConfig, TaskConfig
 from sdft_cli.errors import ConfigError
+from sdft_cli.guard import NonFiniteError
 from sdft_cli.methods import METHODS
 from sdft_cli.methods.context import TrainContext
 from sdft_cli.tasks import load_task
 from sdft_cli.update import (
-    NonFiniteError,
     Teacher,
     TrainState,
     batch_indices,

@@ -18,6 +18,7 @@ from sdft_cli.chunked import distill_terms, fused_loss, sampled_logprobs
 from sdft_cli.config import SDFTConfig
 from sdft_cli.decode import Decoder
 from sdft_cli.divergence import k3
+from sdft_cli.guard import check_step
 from sdft_cli.logger import Timer, TokenMeans, append_jsonl
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
 from sdft_cli.models import autocast, autocast_dtype, inference_dtype
@@ -29,7 +30,6 @@ from sdft_cli.update import (
     Teacher,
     batch_indices,
     build_optimizer,
-    check_step,
     save_final,
     step_seed,
     steps_per_task,

@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from sdft_cli import distributed
 from sdft_cli.chunked import fused_loss, nll_terms
 from sdft_cli.config import SFTConfig
+from sdft_cli.guard import check_step
 from sdft_cli.logger import Timer, TokenMeans
 from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
 from sdft_cli.models import autocast
 from sdft_cli.objective import token_weights
 from sdft_cli.score import completion_hidden, output_head
 from sdft_cli.tasks import Task, encode_messages, encode_target
-from sdft_cli.update import Teacher, batch_indices, build_optimizer, check_step, save_final, steps_per_task
+from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
 
 
 def train_task(ctx: TrainContext, task: Task) -> Path:
