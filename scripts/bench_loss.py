@@ -37,8 +37,9 @@ def _rss_bytes() -> int:
 def worker(args) -> dict:
     import torch
 
-    from sdft_cli.chunked import LinearHead, distill_terms, fused_loss
-    from sdft_cli.divergence import DivergenceSpec
+    from sdft_cli.config import DivergenceSpec
+    from sdft_cli.divergence import distillation
+    from sdft_cli.loss import LinearHead, fused_loss
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
@@ -55,13 +56,23 @@ def worker(args) -> dict:
     h_t = randn(n, hdim)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     weights = torch.full((n,), 1.0 / n, device=device)
-    terms = distill_terms(DivergenceSpec(divergence=args.divergence))
+    objective = distillation(DivergenceSpec(divergence=args.divergence))
     chunk = args.chunk if args.impl == "chunked" else 0
 
     def run_once(k: int = n) -> tuple[float, float]:
         t0 = time.perf_counter()
         head, head_t = LinearHead(W), LinearHead(W_t)
-        out = fused_loss(h[:k], head, [W], h_t[:k], head_t, targets[:k], weights[:k], terms, chunk)
+        out = fused_loss(
+            h[:k],
+            head,
+            params=[W],
+            objective=objective,
+            targets=targets[:k],
+            weights=weights[:k],
+            teacher=h_t[:k],
+            teacher_head=head_t,
+            chunk_size=chunk,
+        )
         out.loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -9,7 +9,7 @@ prompts and sampling settings.
 Prints generated tokens per second for each engine (after one warm-up round each) and their ratios to
 `generate`. The in-process engines: `generate` and the decode loop reading the model's weights in
 place (`rollout.decoder=generate` / `auto`), and the loop's own packed copy that training rollouts use
-(`rollout_copy`). The vLLM engine's start-up time is printed separately: it is paid once per process.
+(`DecoderEngine`). The vLLM engine's start-up time is printed separately: it is paid once per process.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import time
 import torch
 
 from sdft_cli.config import ModelConfig, RolloutConfig
-from sdft_cli.models import load_model, load_tokenizer, resolve_device, resolve_model_dir
-from sdft_cli.rollout import Sampling, generate_hf, rollout_copy
-from sdft_cli.tasks import encode_messages
+from sdft_cli.engines import DecoderEngine, HFEngine
+from sdft_cli.models import load_model, load_tokenizer, resolve_model_dir
+from sdft_cli.precision import resolve_device
+from sdft_cli.prompts import encode_messages
+from sdft_cli.rollout import Sampling
 
 QUESTIONS = [
     "Write a short story about a lighthouse keeper.",
@@ -63,35 +65,32 @@ def main() -> None:
     prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
     eos = [tok.eos_token_id]
 
-    def sampling(decoder: str) -> Sampling:
-        return Sampling(args.tokens, temperature=1.0, batch_size=args.batch, logprobs=True, decoder=decoder)
-
-    rows = [
-        ("generate", *timed(lambda: generate_hf(model, tok, prompts, sampling("generate"), eos), args.rounds))
+    sampling = Sampling(args.tokens, temperature=1.0, batch_size=args.batch, logprobs=True)
+    own = DecoderEngine(getattr(torch, args.dtype), tok, eos)
+    own.push(model)
+    engines = [
+        ("generate", HFEngine(model, tok, eos, decoder="generate")),
+        ("loop, in place", HFEngine(model, tok, eos, decoder="auto")),
+        ("loop, own copy", own),
     ]
-    rows.append(
-        (
-            "loop, in place",
-            *timed(lambda: generate_hf(model, tok, prompts, sampling("auto"), eos), args.rounds),
-        )
-    )
-    own = rollout_copy(model, getattr(torch, args.dtype), always=True)
-    rows.append(
-        ("loop, own copy", *timed(lambda: generate_hf(own, tok, prompts, sampling("auto"), eos), args.rounds))
-    )
+    rows = [(name, *timed(lambda e=e: e.generate(prompts, sampling), args.rounds)) for name, e in engines]
     startup = None
     if not args.no_vllm:
-        from sdft_cli.vllm_engine import VLLMEngine
+        from sdft_cli.engines import VLLMEngine
 
         t0 = time.perf_counter()
         engine = VLLMEngine(
-            path, RolloutConfig(backend="vllm"), getattr(torch, args.dtype), seed=0, max_len=2048
+            path,
+            RolloutConfig(backend="vllm"),
+            tokenizer=tok,
+            eos_ids=eos,
+            dtype=getattr(torch, args.dtype),
+            seed=0,
+            max_len=2048,
         )
         startup = time.perf_counter() - t0
         engine.push(model)
-        rows.append(
-            ("vllm", *timed(lambda: engine.generate(tok, prompts, sampling("auto"), eos), args.rounds))
-        )
+        rows.append(("vllm", *timed(lambda: engine.generate(prompts, sampling), args.rounds)))
 
     print(
         f"device {device}, threads {torch.get_num_threads()}, {args.dtype}, "

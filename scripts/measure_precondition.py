@@ -17,18 +17,13 @@ import time
 import torch
 
 from sdft_cli.compose import compose
+from sdft_cli.engines import HFEngine
+from sdft_cli.engines.hf import inference_copy
 from sdft_cli.evaluate import evaluate
-from sdft_cli.models import (
-    autocast_dtype,
-    eos_ids,
-    inference_dtype,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_model_dir,
-)
-from sdft_cli.rollout import inference_copy
-from sdft_cli.tasks import load_task, resolve_teacher_template
+from sdft_cli.models import eos_ids, load_model, load_tokenizer, resolve_model_dir
+from sdft_cli.names import resolve_teacher_template
+from sdft_cli.precision import autocast_dtype, inference_dtype, resolve_device
+from sdft_cli.tasks import load_task
 
 
 def main(overrides: list[str]) -> None:
@@ -42,6 +37,8 @@ def main(overrides: list[str]) -> None:
     # evaluate exactly as the run's row 0 does (same weights dtype)
     model = inference_copy(model, inference_dtype(cfg.eval.dtype, amp))
     eos = eos_ids(tok, model)
+    engine = HFEngine(model, tok, eos, amp)
+    batch = cfg.eval.batch_size
     rows = []
     for name, tcfg in cfg.task.items():
         task = load_task(name, tcfg, train=False, max_test=cfg.eval.max_items)
@@ -49,8 +46,8 @@ def main(overrides: list[str]) -> None:
         template = resolve_teacher_template(
             getattr(cfg.method, "teacher_template", None), tcfg.teacher_template
         )
-        student = evaluate(model, tok, task, eos, cfg.eval.batch_size, amp)
-        teacher = evaluate(model, tok, task, eos, cfg.eval.batch_size, amp, teacher_template=template)
+        student = evaluate(engine, tok, task, batch_size=batch)
+        teacher = evaluate(engine, tok, task, batch_size=batch, teacher_template=template)
         rows.append(
             {
                 "task": name,
@@ -66,7 +63,7 @@ def main(overrides: list[str]) -> None:
                 print(f"  [{kind}] score={p['score']} {p['prediction'][:160]!r}")
     for name, pcfg in cfg.eval.probes.items():
         task = load_task(name, pcfg, train=False, max_test=cfg.eval.max_items)
-        res = evaluate(model, tok, task, eos, cfg.eval.batch_size, amp)
+        res = evaluate(engine, tok, task, batch_size=batch)
         print(json.dumps({"probe": name, "n": res.n, "base": res.value}), flush=True)
     print("\n| task | n | student (prompt only) | teacher (prompt + demonstration) |")
     print("|---|---|---|---|")

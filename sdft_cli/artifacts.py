@@ -1,8 +1,9 @@
-"""Run-directory layout, atomic writes, stage manifests and the run lock.
+"""Run-directory layout, the user cache, atomic writes, stage manifests and the run lock.
 
-Every path under a run directory is built here. A stage is complete only when its ``manifest.json``
-exists; the manifest is written last, atomically, after every file it lists. Re-running a command
-therefore skips complete stages and redoes (or resumes) the rest, with no signal handling needed.
+Every path under a run directory, and the cache root, is built here. A stage is complete only when
+its ``manifest.json`` exists; the manifest is written last, atomically, after every file it lists.
+Re-running a command therefore skips complete stages and redoes (or resumes) the rest, with no
+signal handling needed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from filelock import FileLock, Timeout
 from sdft_cli.errors import RunDirError
 
 MANIFEST = "manifest.json"
+
+
+def cache_dir() -> Path:
+    """The user cache (models built or converted once, judge verdicts, generated QA sets):
+    ``$SDFT_CACHE``, default ``~/.cache/sdft_cli``."""
+    return Path(os.environ.get("SDFT_CACHE", Path.home() / ".cache" / "sdft_cli")).expanduser()
 
 
 # ----------------------------------------------------------------------------- atomic writes

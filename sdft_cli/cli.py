@@ -183,7 +183,6 @@ def ls_(
 def validate() -> None:
     """Compose every option of every group (and every experiment) and type-check it."""
     from sdft_cli.compose import GROUPS, compose, conf_dir
-    from sdft_cli.config import METHOD_SCHEMAS
 
     root = conf_dir()
     failures = 0
@@ -196,18 +195,15 @@ def validate() -> None:
             except SdftError as e:
                 failures += 1
                 typer.echo(f"FAIL  {override}: {e}")
-    for f in sorted((root / "experiment_method").glob("*.yaml")):
-        # <experiment>_<method>.yaml: the experiment's settings for one method, composed together
-        exp, method = next(
-            ((f.stem[: -len(m) - 1], m) for m in METHOD_SCHEMAS if f.stem.endswith(f"_{m}")), (f.stem, "")
-        )
-        overrides = [f"experiment={exp}", f"method={method}"]
+    for f in sorted((root / "experiment_method").glob("*/*.yaml")):
+        # experiment_method/<experiment>/<method>.yaml: the experiment's settings for one method
+        overrides = [f"experiment={f.parent.name}", f"method={f.stem}"]
         try:
             compose(overrides)
             typer.echo(f"ok    {' '.join(overrides)}")
         except SdftError as e:
             failures += 1
-            typer.echo(f"FAIL  experiment_method/{f.name}: {e}")
+            typer.echo(f"FAIL  experiment_method/{f.parent.name}/{f.name}: {e}")
     if failures:
         _fail(f"{failures} config(s) failed to compose", code=1)
     typer.echo("all configs compose and type-check")

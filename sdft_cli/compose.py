@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from sdft_cli.config import METHOD_SCHEMAS, Config, EvalConfig, LoggerConfig, ModelConfig, RolloutConfig
+from sdft_cli.config import Config, EvalConfig, LoggerConfig, ModelConfig, RolloutConfig
 from sdft_cli.errors import ConfigError
 
 CONF_PACKAGE = "sdft_cli.conf"
@@ -38,11 +38,13 @@ def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    from sdft_cli.methods import METHODS  # here, not at the top: `sdft ls` should not import torch
+
     cs = ConfigStore.instance()
     cs.store(name="schema_config", node=Config)
     cs.store(group="schema/model", name="model", node=ModelConfig)
-    for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="schema/method", name=name, node=schema)
+    for name, method in METHODS.items():
+        cs.store(group="schema/method", name=name, node=method.schema)
     cs.store(group="schema/rollout", name="rollout", node=RolloutConfig)
     cs.store(group="schema/eval", name="eval", node=EvalConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
@@ -178,6 +180,10 @@ def check_overrides(overrides: list[str]) -> None:
         group = o.key_or_group
         if group in REQUIRED_GROUPS and (o.is_delete() or (not o.is_sweep_override() and o.value() is None)):
             raise ConfigError(f"{text}: every run needs a {group}; choose one with {group}=<option>")
+        if group in GROUPS and not o.is_sweep_override() and not o.is_delete() and o.value() is None:
+            none = (conf_dir() / group / "none.yaml").is_file()
+            instead = f"{group}=none" if none else f"~{group}"
+            raise ConfigError(f"{text}: a config group takes an option name; for no {group}, use {instead}")
         if o.is_sweep_override() or o.is_delete():
             continue
         value = o.value()

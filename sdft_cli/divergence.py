@@ -1,4 +1,7 @@
-"""Per-token distillation terms on logits: divergence x support x estimator, as one pure function.
+"""Per-token loss terms on logits: the distillation divergence x support x estimator, and SFT's NLL.
+
+``distillation(spec)`` and ``nll(weighting)`` return the ``TokenLoss`` the fused loss (``loss.py``)
+reduces over a batch's tokens; the paper's objective also carries its closed-form logit gradient.
 
 Conventions (``docs/objective.md`` has the derivations):
 
@@ -22,58 +25,13 @@ The teacher side is always constant (no gradient).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-DIVERGENCE_NAMES = ("forward", "reverse", "jsd")
-SUPPORTS = ("full", "topk")
-ESTIMATORS = ("analytic", "sampled", "rb")
-
-
-@dataclass(frozen=True)
-class DivergenceSpec:
-    divergence: str = "forward"
-    jsd_beta: float = 0.5
-    support: str = "full"
-    topk: int = 100
-    topk_source: str = "teacher"
-    topk_tail: str = "renorm"
-    estimator: str = "analytic"
-    temperature: float = 1.0
-
-    def check(self) -> None:
-        """Raise ValueError naming the field (the config layer prefixes ``method.``)."""
-        choices = {
-            "divergence": DIVERGENCE_NAMES,
-            "support": SUPPORTS,
-            "estimator": ESTIMATORS,
-            "topk_source": ("teacher", "student"),
-            "topk_tail": ("renorm", "bucket"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        if self.topk < 1:
-            raise ValueError(f"topk must be > 0, got {self.topk}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.estimator in ("sampled", "rb") and self.divergence != "reverse":
-            raise ValueError(f"estimator={self.estimator} estimates reverse KL; set divergence=reverse")
-        if self.estimator == "sampled" and self.support != "full":
-            raise ValueError("estimator=sampled uses only the sampled token; set support=full")
-
-    @property
-    def effective_divergence(self) -> str:
-        """jsd at an end point is exactly one of the KLs."""
-        if self.divergence == "jsd" and self.jsd_beta == 0.0:
-            return "forward"
-        if self.divergence == "jsd" and self.jsd_beta == 1.0:
-            return "reverse"
-        return self.divergence
+from sdft_cli.config.method import DivergenceSpec
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,3 +179,59 @@ def k3(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimate of KL(p_S || p_T) on tokens sampled from p_S: r - 1 - log r, r = p_T / p_S."""
     log_r = logp_teacher - logp_student
     return torch.expm1(log_r) - log_r
+
+
+# ----------------------------------------------------------------------------- token losses
+
+TermFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], TokenTerms]
+ClosedForm = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[TokenTerms, torch.Tensor]
+]
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """A per-token loss, as ``loss.fused_loss`` takes it.
+
+    ``terms(student_logits, teacher_logits, targets)`` gives every token's ``TokenTerms`` (the teacher's
+    logits are None for SFT). ``closed_form(z_s, z_t, y, w)``, where the objective has one, gives the same
+    terms and the gradient of ``sum_n w_n loss_n`` w.r.t. the student's logits without autograd.
+    ``rb`` adds the Rao-Blackwellised score term, which couples a sequence's tokens (``loss.py``).
+    """
+
+    terms: TermFn
+    closed_form: ClosedForm | None = None
+    rb: bool = False
+
+
+def distillation(spec: DivergenceSpec) -> TokenLoss:
+    """The distillation objective of ``spec`` (every divergence, support and estimator)."""
+
+    def terms(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> TokenTerms:
+        if t is None:
+            raise ValueError("distillation needs the teacher's logits")
+        return token_terms(s, t, y, spec)
+
+    closed_form = None
+    if spec.support == "full" and spec.estimator == "analytic" and spec.effective_divergence == "forward":
+        # the paper's objective: its logit gradient is w (p_S - p_T) / temperature
+        def closed_form(s, t, y, w):
+            return forward_kl_terms_and_grad(s, t, y, w, spec.temperature)
+
+    return TokenLoss(terms, closed_form, rb=spec.estimator == "rb")
+
+
+def nll(weighting: str = "none") -> TokenLoss:
+    """SFT: -log p(y); ``weighting=prob`` multiplies by the detached p(y) (DFT)."""
+
+    def terms(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> TokenTerms:
+        log_s = torch.log_softmax(s.float() if s.dtype != torch.float64 else s, dim=-1)
+        lp = log_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        loss = -lp * lp.detach().exp() if weighting == "prob" else -lp
+        with torch.no_grad():
+            p = log_s.exp()
+            ent = -torch.where(p > 0, p * log_s, torch.zeros_like(p)).sum(-1)
+        zero = torch.zeros_like(lp).detach()
+        return TokenTerms(loss, (-lp).detach(), lp, zero, ent, zero)
+
+    return TokenLoss(terms)

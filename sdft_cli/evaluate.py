@@ -1,4 +1,5 @@
-"""Evaluation: greedy decoding on held-out splits, scored by each task's scorer.
+"""Evaluation: greedy decoding on held-out splits, scored by each task's scorer, and the evaluation
+stage that fills one row of the forgetting matrix (``evaluate_stage``).
 
 With ``teacher_template`` it scores the demonstration-conditioned teacher context instead of the
 student's, which measures the paper's in-context precondition (Sec. 3.2): SDFT can only teach what the
@@ -8,19 +9,31 @@ teacher gets right and the student does not.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from sdft_cli.config import JudgeConfig, PassAtKConfig
+from sdft_cli import prior
+from sdft_cli.artifacts import atomic_write_json, write_jsonl, write_manifest
+from sdft_cli.config import EvalConfig, JudgeConfig, PassAtKConfig
 from sdft_cli.divergence import kl
+from sdft_cli.engines import Engine, Engines
+from sdft_cli.engines.hf import inference_copy
+from sdft_cli.forward import completion_hidden, output_head
+from sdft_cli.judge import CREDIT, for_scorer
+from sdft_cli.logger import NullLogger, RunLogger
 from sdft_cli.metrics import pass_at_k as pass_at_k_estimate
-from sdft_cli.models import autocast
-from sdft_cli.rollout import Rollouts, Sampling, generate_hf
-from sdft_cli.score import completion_hidden, output_head
+from sdft_cli.models import load_model
+from sdft_cli.names import JUDGE_SCORERS
+from sdft_cli.precision import autocast, inference_dtype
+from sdft_cli.prompts import encode_messages
+from sdft_cli.rollout import Sampling
 from sdft_cli.scorers import get_scorer
-from sdft_cli.tasks import Example, Task, encode_messages
+from sdft_cli.tasks import Example, Task
 
 
 @dataclass
@@ -49,8 +62,6 @@ def _contexts(task: Task, tokenizer, teacher_template: str | None) -> list[list[
 
 def task_scorer(task: Task, judge: JudgeConfig | None = None) -> Callable[[Example, str], float]:
     """``score(example, prediction)`` for the task's scorer; a judge also reads the example's prompt."""
-    from sdft_cli.judge import JUDGE_SCORERS, for_scorer
-
     if task.cfg.scorer in JUDGE_SCORERS:
         j = for_scorer(task.cfg.scorer, judge or JudgeConfig())
         return lambda ex, text: j.score(ex.prompt, ex.answer or "", text)
@@ -59,18 +70,17 @@ def task_scorer(task: Task, judge: JudgeConfig | None = None) -> Callable[[Examp
 
 
 def evaluate_many(
-    model,
+    engine: Engine,
     tokenizer,
     tasks: list[Task],
-    eos_ids: list[int],
+    *,
     batch_size: int = 32,
-    autocast_dtype: torch.dtype | None = None,
     teacher_template: str | None = None,
     progress: Callable[[int], None] | None = None,
     judge: JudgeConfig | None = None,
-    generate: Callable[..., Rollouts] = generate_hf,
 ) -> list[EvalResult]:
-    """Greedy-decode every test prompt of every task and score it; ``stderr`` is the binomial one.
+    """Greedy-decode every test prompt of every task on ``engine`` and score it; ``stderr`` is the
+    binomial one.
 
     One task at a time: pooling tasks into larger batches was no faster on a 2-core CPU (decoding at
     batch 32+ is compute-bound) and would make the longest task's cap every task's.
@@ -79,7 +89,7 @@ def evaluate_many(
     for task in tasks:
         sampling = Sampling(max_new_tokens=task.cfg.max_new_tokens, temperature=0.0, batch_size=batch_size)
         prompts = _contexts(task, tokenizer, teacher_template)
-        out = generate(model, tokenizer, prompts, sampling, eos_ids, autocast_dtype, progress)
+        out = engine.generate(prompts, sampling, progress)
         preds = [
             {
                 "index": ex.index,
@@ -114,8 +124,6 @@ def evaluate_many(
 def score_predictions(task: Task, preds: list[dict], judge: JudgeConfig | None) -> dict[str, float]:
     """Set each prediction's ``score`` (and a judge's ``verdict``). For a judged task, also return the
     mean credit of the same verdicts under the other scorers of its prompt (strict and lenient)."""
-    from sdft_cli.judge import CREDIT, JUDGE_SCORERS, for_scorer
-
     if task.cfg.scorer not in JUDGE_SCORERS:
         score = task_scorer(task, judge)
         for p, ex in zip(preds, task.test, strict=True):
@@ -137,6 +145,7 @@ def kl_to_base(
     base,
     model,
     result: EvalResult,
+    *,
     pad_id: int,
     batch_size: int = 32,
     autocast_dtype: torch.dtype | None = None,
@@ -188,15 +197,13 @@ def kl_to_base(
 
 
 def pass_at_k(
-    model,
+    engine: Engine,
     tokenizer,
     task: Task,
-    eos_ids: list[int],
     cfg: PassAtKConfig,
+    *,
     batch_size: int = 32,
-    autocast_dtype: torch.dtype | None = None,
     judge: JudgeConfig | None = None,
-    generate: Callable[..., Rollouts] = generate_hf,
 ) -> dict:
     """Sample ``cfg.n`` completions per test prompt and return the unbiased pass@k for each k, with
     the per-prompt correct counts (a sample is correct when the task's scorer gives it 1)."""
@@ -209,9 +216,7 @@ def pass_at_k(
         batch_size=batch_size,
     )
     torch.manual_seed(cfg.seed)
-    out = generate(
-        model, tokenizer, [p for p in prompts for _ in range(cfg.n)], sampling, eos_ids, autocast_dtype
-    )
+    out = engine.generate([p for p in prompts for _ in range(cfg.n)], sampling)
     correct = [
         sum(score(ex, text) >= 1.0 for text in out.texts[i * cfg.n : (i + 1) * cfg.n])
         for i, ex in enumerate(task.test)
@@ -228,17 +233,139 @@ def pass_at_k(
     }
 
 
-def evaluate(
-    model,
-    tokenizer,
-    task: Task,
-    eos_ids: list[int],
-    batch_size: int = 32,
-    autocast_dtype=None,
-    teacher_template: str | None = None,
-    progress=None,
-) -> EvalResult:
+def evaluate(engine: Engine, tokenizer, task: Task, **kwargs) -> EvalResult:
     """One task (see ``evaluate_many``)."""
-    return evaluate_many(
-        model, tokenizer, [task], eos_ids, batch_size, autocast_dtype, teacher_template, progress
-    )[0]
+    return evaluate_many(engine, tokenizer, [task], **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------- the evaluation stage
+
+
+class BaseModel:
+    """The base model in the evaluation dtype, loaded on the CPU when first needed (the KL-to-base
+    diagnostic; it visits the accelerator only while that runs)."""
+
+    def __init__(self, path: Path | str, dtype: str, eval_dtype: torch.dtype | None, trust: bool = False):
+        self.path, self.dtype, self.eval_dtype, self.trust = path, dtype, eval_dtype, trust
+        self._model: torch.nn.Module | None = None
+
+    def get(self) -> torch.nn.Module:
+        if self._model is None:
+            base = load_model(self.path, self.dtype, torch.device("cpu"), self.trust)
+            self._model = inference_copy(base, self.eval_dtype)
+            self._model.requires_grad_(False)
+        return self._model
+
+
+@dataclass
+class EvalContext:
+    """What every evaluation stage of a run shares (built once, after the inputs are checked)."""
+
+    cfg: EvalConfig
+    tokenizer: object
+    tasks: dict[str, Task]
+    probes: dict[str, Task]
+    engines: Engines
+    logger: RunLogger | NullLogger
+    autocast_dtype: torch.dtype | None
+    # model.dtype: the weights' dtype, which evaluation keeps unless eval.dtype casts them
+    model_dtype: str
+    base: BaseModel
+    # lm-eval's task index when eval.prior has benchmarks (built by the input checks)
+    lm_eval_tasks: object = None
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype the evaluated model is cast to (None: its own)."""
+        return inference_dtype(self.cfg.dtype, self.autocast_dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype or self.model_dtype).removeprefix("torch.")
+
+
+def _cells(results: list[EvalResult], stage: int, stage_task: str, kinds: dict[str, str]) -> list[dict]:
+    """``results.json``'s cells: one per task and probe, plus a judged task's other verdict mappings
+    (in results.json and matrix.csv, not the matrix)."""
+    cells = []
+    for res in results:
+        cells.append(
+            {
+                "stage": stage,
+                "stage_task": stage_task,
+                "eval_task": res.task,
+                "kind": kinds[res.task],
+                "metric": res.metric,
+                "value": res.value,
+                "n": res.n,
+                "stderr": res.stderr,
+            }
+        )
+        for metric, value in res.extra.items():
+            stderr = math.sqrt(value * (1 - value) / res.n)
+            cells.append({**cells[-1], "metric": metric, "value": value, "stderr": stderr})
+    return cells
+
+
+def evaluate_stage(ctx: EvalContext, out_dir: Path, stage: int, stage_task: str, model, path: Path) -> None:
+    """Evaluate every task and probe after ``stage`` (0: the base model), and the lm-eval suite; write
+    predictions, ``results.json``, the diagnostics and the manifest (last). ``path`` is the checkpoint
+    ``model`` was loaded from."""
+    ctx.logger.rewind_eval(stage)
+    every = [*ctx.tasks.values(), *ctx.probes.values()]
+    kinds = {**{n: "trained" for n in ctx.tasks}, **{n: "prior" for n in ctx.probes}}
+    total = sum(len(t.test) for t in every)
+    bar = tqdm(total=total, desc=f"eval stage {stage}", leave=False, disable=not ctx.progress)
+    t0 = time.perf_counter()
+    copy = inference_copy(model, ctx.dtype)
+    engine = ctx.engines.for_eval(copy, backend=ctx.cfg.backend, path=path)
+    judge, batch = ctx.cfg.judge, ctx.cfg.batch_size
+    results = evaluate_many(engine, ctx.tokenizer, every, batch_size=batch, progress=bar.update, judge=judge)
+    engine.release()
+    bar.close()
+    for res in results:
+        write_jsonl(out_dir / "predictions" / f"{res.task}.jsonl", res.predictions)
+    cells = _cells(results, stage, stage_task, kinds)
+    if prior.runs_at(ctx.cfg.prior, stage, len(ctx.tasks)):
+        cells += prior.evaluate(
+            ctx.cfg.prior,
+            ctx.lm_eval_tasks,
+            copy,
+            ctx.tokenizer,
+            path=path,
+            dtype=ctx.dtype_name,
+            out_dir=out_dir,
+            stage=stage,
+            stage_task=stage_task,
+            trust_remote_code=ctx.trust_remote_code,
+        )
+    atomic_write_json(out_dir / "results.json", cells)
+    diag = {}
+    if stage > 0 and ctx.cfg.kl_to_base and stage_task in ctx.tasks:
+        new = next(r for r in results if r.task == stage_task)
+        base = ctx.base.get().to(next(model.parameters()).device)
+        pad = ctx.tokenizer.pad_token_id  # type: ignore[attr-defined]
+        diag = kl_to_base(base, copy, new, pad_id=pad, batch_size=batch, autocast_dtype=ctx.autocast_dtype)
+        base.to("cpu")
+        atomic_write_json(out_dir / "diagnostics.json", {"task": stage_task, **diag})
+    passk = []
+    if ctx.cfg.pass_at_k.k:
+        for task in ctx.tasks.values():
+            passk.append(
+                pass_at_k(engine, ctx.tokenizer, task, ctx.cfg.pass_at_k, batch_size=batch, judge=judge)
+            )
+        engine.release()
+        atomic_write_json(out_dir / "pass_at_k.json", passk)
+    ctx.logger.log(
+        {
+            "stage": stage,
+            "event": "eval",
+            "time/eval": round(time.perf_counter() - t0, 3),
+            **{f"eval/{c['eval_task']}/{c['metric']}": c["value"] for c in cells},
+            **({"eval/kl_to_base": diag["kl_to_base_token"]} if diag else {}),
+            **{f"eval/{p['task']}/pass@{k}": v for p in passk for k, v in p["pass_at_k"].items()},
+        }
+    )
+    write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from sdft_cli import distributed
 from sdft_cli.config import OptimConfig
 from sdft_cli.errors import SdftError
-
-if TYPE_CHECKING:
-    from sdft_cli.update import TrainState
+from sdft_cli.schedule import TrainState
 
 
 class NonFiniteError(SdftError):
@@ -28,7 +25,7 @@ class NonFiniteError(SdftError):
 
 
 def check_step(
-    cfg: OptimConfig, state: TrainState, loss: float, grad_norm, where: dict, rows: list[int], logger=None
+    cfg: OptimConfig, state: TrainState, *, loss: float, grad_norm, where: dict, rows: list[int], logger=None
 ) -> bool:
     """Whether the step about to be applied (``state.step + 1``) is finite on every rank.
 

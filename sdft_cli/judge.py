@@ -15,9 +15,11 @@ import re
 import sqlite3
 from pathlib import Path
 
+from sdft_cli.artifacts import cache_dir
 from sdft_cli.config import JudgeConfig
 from sdft_cli.errors import SdftError
 from sdft_cli.llm import Endpoint, EndpointError
+from sdft_cli.names import JUDGE_SCORERS
 
 PROMPTS = {
     # paper p17-18, verbatim
@@ -56,18 +58,10 @@ CREDIT = {
     "strict": {"CORRECT": 1.0},
     "lenient": {"CORRECT": 1.0, "PARTIALLY_CORRECT": 1.0},
 }
-# Scorer names: the prompt and the mapping from verdicts to credit.
-JUDGE_SCORERS = {
-    "judge_medical": ("medical", "strict"),
-    "judge_knowledge_strict": ("knowledge", "strict"),
-    "judge_knowledge_lenient": ("knowledge", "lenient"),
-}
 _LABEL = re.compile(r"PARTIALLY_CORRECT|INCORRECT|CORRECT")
 
 
 def default_cache() -> Path:
-    from sdft_cli.models import cache_dir
-
     return cache_dir() / "judge" / "verdicts.sqlite"
 
 

@@ -17,9 +17,12 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdft_cli.artifacts import atomic_write_json, atomic_write_text, write_jsonl
+from filelock import FileLock
+
+from sdft_cli.artifacts import atomic_write_json, atomic_write_text, cache_dir, write_jsonl
 from sdft_cli.config import TaskConfig
 from sdft_cli.errors import DataError
+from sdft_cli.llm import Endpoint
 
 # paper p18, verbatim apart from the question count, which follows knowledge.questions_per_article
 QA_PROMPT = (
@@ -119,18 +122,12 @@ def cache_key(articles: list[Article], cfg: TaskConfig) -> str:
 
 
 def qa_dir(articles: list[Article], cfg: TaskConfig) -> Path:
-    from sdft_cli.models import cache_dir
-
     return cache_dir() / "knowledge" / cache_key(articles, cfg)
 
 
 def generate(articles: list[Article], cfg: TaskConfig, out: Path, task: str) -> Path:
     """Ask the generator for each article's QA pairs (resuming from the replies kept so far), then write
     ``qa.jsonl`` and the manifest, the marker that the set is complete."""
-    from filelock import FileLock
-
-    from sdft_cli.llm import Endpoint
-
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / "manifest.json").is_file():

@@ -18,9 +18,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from sdft_cli.artifacts import RunLayout, atomic_write_text
+from sdft_cli.artifacts import DiskWriteError, RunLayout, atomic_write_text
 from sdft_cli.config import LoggerConfig
 from sdft_cli.config.credentials import looks_secret
+from sdft_cli.distributed import sum_floats
 
 REDACTED = "<redacted>"
 
@@ -66,6 +67,11 @@ class Timer:
         finally:
             self.totals[name] += time.perf_counter() - start
 
+    def move(self, seconds: float, source: str, target: str) -> None:
+        """Count ``seconds`` measured inside ``source`` as ``target``'s (work nested in another phase)."""
+        self.totals[source] -= seconds
+        self.totals[target] += seconds
+
     def pop(self) -> dict[str, float]:
         out = {f"time/{k}": round(v, 4) for k, v in self.totals.items()}
         self.totals.clear()
@@ -85,8 +91,6 @@ class TokenMeans:
 
     def means(self) -> dict[str, float]:
         """Means over every rank's tokens (in a distributed run every rank must call this)."""
-        from sdft_cli.distributed import sum_floats
-
         names = sorted(self.sums)
         totals = sum_floats([self.sums[k] for k in names] + [self.counts[k] for k in names])
         sums, counts = totals[: len(names)], totals[len(names) :]
@@ -94,8 +98,6 @@ class TokenMeans:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    from sdft_cli.artifacts import DiskWriteError
-
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")

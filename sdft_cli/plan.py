@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdft_cli.artifacts import cache_dir
 from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
-from sdft_cli.errors import SdftError
+from sdft_cli.errors import ConfigError, SdftError
+from sdft_cli.models import load_config
 from sdft_cli.prior import runs_at
+from sdft_cli.schedule import steps_per_task
 from sdft_cli.tasks import load_task
-from sdft_cli.update import steps_per_task
 
 
 @dataclass
@@ -34,8 +36,6 @@ def count_parameters(cfg: Config) -> int | None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sdft_cli.models import cache_dir, load_config
-
     if cfg.model.source == "hf":
         path = cfg.model.path
     elif cfg.model.source == "smollm2":
@@ -44,7 +44,7 @@ def count_parameters(cfg: Config) -> int | None:
         return None  # tiny and toy models: built locally, sized in docs
     try:
         arch = load_config(path, cfg.model.trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ConfigError):  # not downloaded, or a hub id offline
         return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch)

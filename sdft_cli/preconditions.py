@@ -10,61 +10,90 @@ are the quantities ``kl_to_base`` reports for every trained model, so an SFT mod
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from sdft_cli.artifacts import atomic_write_json, atomic_write_text, write_jsonl, write_manifest
+from sdft_cli.artifacts import atomic_write_json, atomic_write_text, read_json, write_jsonl, write_manifest
 from sdft_cli.config import JudgeConfig
-from sdft_cli.errors import DataError
-from sdft_cli.evaluate import evaluate_many, kl_to_base
-from sdft_cli.tasks import Task, encode_messages
+from sdft_cli.engines import Engine
+from sdft_cli.engines.hf import inference_copy
+from sdft_cli.evaluate import EvalContext, evaluate, kl_to_base
+from sdft_cli.prompts import encode_messages
+from sdft_cli.tasks import Task
 
 
-def check_demonstrations(tasks: list[Task]) -> None:
-    """The teacher context needs each test row's demonstration; fail before any work if one is missing."""
-    for task in tasks:
-        missing = [ex.index for ex in task.test if not ex.demonstration]
-        if missing:
-            raise DataError(
-                f"eval.preconditions: task {task.name}: test row {missing[0]} has no demonstration "
-                f"({len(missing)} of {len(task.test)} rows lack one); set eval.preconditions=false"
-            )
+def precondition_stage(
+    ctx: EvalContext, out_dir: Path, model, templates: dict[str, str], base_results: Path
+) -> None:
+    """Student vs teacher accuracy and the teacher's KL from the base, on the base model (row 0);
+    ``base_results`` is row 0's results.json (the student's accuracies)."""
+    t0 = time.perf_counter()
+    student = {c["eval_task"]: c["value"] for c in read_json(base_results)}
+    copy = inference_copy(model, ctx.dtype)
+    engine = ctx.engines.for_eval(copy)  # transformers: the KL below reads the same weights
+    rows = measure(
+        engine,
+        copy,
+        ctx.tokenizer,
+        list(ctx.tasks.values()),
+        templates=templates,
+        student=student,
+        batch_size=ctx.cfg.batch_size,
+        autocast_dtype=ctx.autocast_dtype,
+        out_dir=out_dir,
+        judge=ctx.cfg.judge,
+    )
+    ctx.logger.log(
+        {
+            "stage": 0,
+            "event": "preconditions",
+            "time/preconditions": round(time.perf_counter() - t0, 3),
+            **{f"preconditions/{n}/{k}": r[k] for n, r in rows.items() for k in ("teacher", "student")},
+            **{
+                f"preconditions/{n}/teacher_kl_to_base": r["teacher_kl_to_base_token"]
+                for n, r in rows.items()
+            },
+        }
+    )
 
 
 def measure(
+    engine: Engine,
     model,
     tokenizer,
     tasks: list[Task],
+    *,
     templates: dict[str, str],
     student: dict[str, float],
-    eos_ids: list[int],
     batch_size: int,
     autocast_dtype: torch.dtype | None,
     out_dir: Path,
     judge: JudgeConfig | None = None,
 ) -> dict:
-    """Teacher accuracy and KL from the base per task; ``student`` holds row 0's accuracies.
+    """Teacher accuracy (decoded on ``engine``) and KL from the base (``model``, whose weights the engine
+    decodes) per task; ``student`` holds row 0's accuracies.
 
     Writes the teacher's predictions, ``preconditions.json`` and ``.md``, and the manifest (last).
     """
     rows = {}
     pad = tokenizer.pad_token_id
     for task in tasks:
-        res = evaluate_many(
-            model,
-            tokenizer,
-            [task],
-            eos_ids,
-            batch_size,
-            autocast_dtype,
-            teacher_template=templates[task.name],
-            judge=judge,
-        )[0]
+        template = templates[task.name]
+        res = evaluate(engine, tokenizer, task, batch_size=batch_size, teacher_template=template, judge=judge)
         base_ctx = [encode_messages(tokenizer, task.student(ex)) for ex in task.test]
-        kl = kl_to_base(model, model, res, pad, batch_size, autocast_dtype, base_contexts=base_ctx)
+        kl = kl_to_base(
+            model,
+            model,
+            res,
+            pad_id=pad,
+            batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
+            base_contexts=base_ctx,
+        )
         write_jsonl(out_dir / "predictions" / f"{task.name}.jsonl", res.predictions)
         rows[task.name] = {
             "student": student[task.name],

@@ -102,7 +102,7 @@ def _json(obj: Any) -> Any:
 
 
 def run_suite(
-    cfg: PriorConfig, tm, model, tokenizer, path: Path, dtype: str, trust_remote_code: bool = False
+    cfg: PriorConfig, tm, model, tokenizer, *, path: Path, dtype: str, trust_remote_code: bool = False
 ) -> dict:
     """Run every benchmark on one model; one lm-eval call per distinct ``num_fewshot``."""
     import lm_eval
@@ -190,6 +190,7 @@ def evaluate(
     tm,
     model,
     tokenizer,
+    *,
     path: Path,
     dtype: str,
     out_dir: Path,
@@ -202,6 +203,8 @@ def evaluate(
     if cached.is_file():
         results = read_json(cached)
     else:
-        results = run_suite(cfg, tm, model, tokenizer, path, dtype, trust_remote_code)
+        results = run_suite(
+            cfg, tm, model, tokenizer, path=path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         atomic_write_json(cached, results)
     return cells(cfg, results, stage, stage_task)

@@ -19,7 +19,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sdft_cli.artifacts import RunLayout, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from sdft_cli.artifacts import (
+    RunLayout,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    read_json,
+    verified,
+)
 from sdft_cli.metrics import normalized, summarize
 
 CSV_HEADER = "method,seed,stage,stage_task,eval_task,eval_kind,metric,value,stderr,n".split(",")
@@ -145,6 +153,28 @@ def write_matrix(run_dir: Path, cells: list[dict], tasks: list[str], priors: lis
     atomic_write_text(layout.matrix("md"), render_markdown(data))
     atomic_write_json(layout.matrix("json"), data)
     return metrics
+
+
+def rebuild_matrix(layout: RunLayout, tasks: list[str], priors: list[str], meta: dict) -> dict:
+    """The run's matrix from every complete evaluation stage (a corrupt one is left out and redone by
+    the run), with each trained stage's KL to the base in the metadata; written, then returned as
+    ``load_matrix`` reads it."""
+    dirs = [layout.base_eval()] + [layout.eval(i, n) for i, n in enumerate(tasks, 1)]
+    cells = [c for d in dirs if verified(d) for c in read_json(d / "results.json")]
+    diags = {
+        f"{i}:{n}": read_json(d / "diagnostics.json")
+        for i, (n, d) in enumerate(zip(tasks, dirs[1:], strict=True), start=1)
+        if is_complete(d) and (d / "diagnostics.json").is_file()
+    }
+    kl = {
+        # KL(base || model), RL's Razor's direction, and KL(model || base), the SDFT paper's Sec. 3.2
+        "kl_to_base": {k: d["kl_to_base_token"] for k, d in diags.items()},
+        "kl_model_base": {
+            k: d["kl_model_base_token"] for k, d in diags.items() if "kl_model_base_token" in d
+        },
+    }
+    write_matrix(layout.root, cells, tasks, priors, {**meta, **kl})
+    return load_matrix(layout.root)
 
 
 def load_matrix(run_dir: Path) -> dict:

@@ -1,57 +1,25 @@
-"""Tasks: loading rows through `datasets`, validating them, and rendering student and teacher contexts.
+"""Tasks: validated examples from a task's rows, and the input checks a run makes before any work.
 
 A task row has a prompt, a demonstration (training rows) and a reference answer (test rows, read by the
-task's scorer). The student sees the prompt only; the teacher sees the prompt plus the demonstration
-inside a teacher template (paper Sec. 3). Both are rendered with the model's chat template.
+task's scorer). Rows come from ``rows.load_rows``; contexts are rendered by ``prompts``. Every
+message names the task, the split and the row at fault.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
+import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from sdft_cli.config import ColumnsConfig, Config, SFTReinvokeConfig, TaskConfig
-from sdft_cli.errors import ConfigError, DataError
-
-# The teacher context (paper Sec. 3). `paper` is the official code's string (leading/trailing newline,
-# period ending), `paper_printed` the text as printed in the paper, `nothink` drops "including the thinking
-# process", which makes small models ramble after the answer (shared measurements on SmolLM2-135M).
-TEACHER_TEMPLATES = {
-    "paper": (
-        "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
-        "Now answer with a response of your own, including the thinking process.\n"
-    ),
-    "paper_printed": (
-        "{prompt}\n\nThis is an example for a response to the question:\n\n{demonstration}\n\n"
-        "Now answer with a response of your own, including the thinking process:"
-    ),
-    "nothink": (
-        "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
-        "Now answer with a response of your own."
-    ),
-    # The prompt alone: a teacher that differs from the student only in its weights (re-invocation).
-    "prompt_only": "{prompt}",
-    # The toy world's (docs/toy_world.md): short, because its model reads one character per token.
-    "toy": "{prompt}\nexample: {demonstration}\nanswer:",
-    # Knowledge acquisition (paper App. A.2): the article text plus the answer, the paper's default
-    # teacher context. The paper does not show how the article is laid out; this puts it before the
-    # official template's example.
-    "knowledge": (
-        "\n{prompt}\n\nHere is an article with the information needed to answer the question:\n{context}\n\n"
-        "This is an example for a response to the question:\n{demonstration}\n\n"
-        "Now answer with a response of your own, including the thinking process.\n"
-    ),
-    # Fig. 7's "Only Text" ablation ("Only Answers" is `paper`).
-    "knowledge_text": (
-        "\n{prompt}\n\nHere is an article with the information needed to answer the question:\n{context}\n\n"
-        "Now answer with a response of your own, including the thinking process.\n"
-    ),
-}
-_PLACEHOLDER = re.compile(r"\{(prompt|demonstration|context)\}")
+from sdft_cli.config import ColumnsConfig, Config, SDFTConfig, SFTReinvokeConfig, TaskConfig
+from sdft_cli.errors import DataError
+from sdft_cli.formats import FORMATS
+from sdft_cli.names import resolve_teacher_template
+from sdft_cli.prompts import encode_messages, encode_target, student_messages, teacher_messages
+from sdft_cli.rows import json_type, load_rows
+from sdft_cli.scorers import alternatives
 
 
 @dataclass(frozen=True)
@@ -84,261 +52,8 @@ class Task:
         return teacher_messages(ex.prompt, ex.demonstration or "", template, self.system(ex), ex.context)
 
 
-# ----------------------------------------------------------------------------- templates
-
-
-def resolve_teacher_template(method_template: str | None, task_template: str | None) -> str:
-    """The method's template when set (a command-line ablation applies to every task), else the task's,
-    else the official code's."""
-    return teacher_template(method_template or task_template or "paper")
-
-
-def teacher_template(name_or_text: str, key: str = "method.teacher_template") -> str:
-    """A named template or a literal one: {prompt} and at least one of {demonstration} and {context}.
-
-    ``key`` is the config key the value came from, for the error message."""
-    if name_or_text in TEACHER_TEMPLATES:
-        return TEACHER_TEMPLATES[name_or_text]
-    if "{prompt}" not in name_or_text or not (
-        "{demonstration}" in name_or_text or "{context}" in name_or_text
-    ):
-        raise ConfigError(
-            f"{key} is neither a known name ({', '.join(TEACHER_TEMPLATES)}) nor a template containing "
-            f"{{prompt}} and {{demonstration}} (or {{context}}); got {name_or_text[:60]!r}"
-        )
-    return name_or_text
-
-
-def fill_template(template: str, prompt: str, demonstration: str, context: str = "") -> str:
-    """Substitute in one pass, so braces inside prompts (JSON, code) are left alone."""
-    values = {"prompt": prompt, "demonstration": demonstration, "context": context}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def student_messages(prompt: str, system: str | None) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-def teacher_messages(
-    prompt: str, demonstration: str, template: str, system: str | None, context: str | None = None
-) -> list[dict]:
-    return student_messages(fill_template(template, prompt, demonstration, context or ""), system)
-
-
-def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat context ending with the assistant generation prompt."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # base models without a chat template: plain text, one block per message
-        text = "\n\n".join(m["content"] for m in messages) + "\n"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def bundled_dir() -> Path:
-    return Path(str(importlib.resources.files("sdft_cli.data"))) / "tasks"
-
-
-def bundled_tasks() -> list[str]:
-    return sorted(p.name for p in bundled_dir().iterdir() if p.is_dir())
-
-
-def _split_file(cfg: TaskConfig, split: str, task: str) -> Path:
-    if cfg.source == "bundled":
-        path = bundled_dir() / cfg.path / f"{split}.jsonl"
-        if not path.parent.is_dir():
-            raise ConfigError(
-                f"task {task}: no bundled data set {cfg.path!r} (available: {', '.join(bundled_tasks())})"
-            )
-    elif "{split}" in cfg.path:
-        path = Path(cfg.path.replace("{split}", split)).expanduser()
-    else:
-        path = Path(cfg.path).expanduser() / f"{split}.{'jsonl' if cfg.source == 'json' else cfg.source}"
-    if not path.is_file():
-        raise DataError(f"task {task}: {split} split file not found: {path}")
-    return path
-
-
-def _load_rows(cfg: TaskConfig, kind: str, task: str, generate: bool = True) -> tuple[list[dict], str]:
-    """Rows of the ``train`` or ``test`` split as dicts, through `datasets` (the real loading path for
-    local and hub data).
-
-    ``generate=False``: a knowledge task whose QA pairs are not generated yet fails instead of calling
-    the generator (``sdft plan``).
-    """
-    import datasets
-
-    datasets.disable_progress_bars()
-    split = cfg.train_split if kind == "train" else cfg.test_split
-    if kind == "test" and cfg.test_path:  # the test split from another dataset
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, path=cfg.test_path, subset=cfg.test_subset, test_path=None)
-    if cfg.source == "toy":
-        return _toy_rows(cfg, split, task), f"toy world {cfg.path}[{split}]"
-    if cfg.source == "knowledge":
-        from sdft_cli import knowledge
-
-        return knowledge.rows(cfg, kind, task, generate), f"knowledge {cfg.path}[{kind}]"
-    if cfg.source == "disk":
-        return _disk_rows(cfg, split, task), f"{cfg.path}[{split}]"
-    if cfg.source == "hf":
-        try:
-            ds = datasets.load_dataset(cfg.path, cfg.subset, split=split)
-        except Exception as e:  # network, missing split, bad name: one line naming the task
-            raise DataError(f"task {task}: cannot load {cfg.path!r} split {split!r}: {e}") from None
-        return ds.to_list(), f"{cfg.path}[{split}]"
-    path = _split_file(cfg, split, task)
-    builder = {"bundled": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[cfg.source]
-    parsed = check_text_file(path, task, builder) if builder in ("json", "csv") else None
-    try:
-        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
-        rows = ds.to_list()  # Arrow decodes strings here: a late error must name the file too
-    except Exception as e:
-        if parsed is None:
-            raise DataError(f"task {task}: cannot read {path}: {_reason(e)}") from None
-        # Arrow makes one table and refuses a column whose type changes between rows; the rows as read
-        # go through the same checks, which name the row and column at fault (or accept them).
-        rows = parsed
-        for i, row in enumerate(rows):
-            try:
-                json.dumps(row, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise DataError(f"task {task}: {path} row {i} holds text that is not valid Unicode") from None
-    return rows, str(path)
-
-
-def _reason(e: BaseException) -> str:
-    """The first line of the innermost cause: `datasets` wraps the reader's own error (Arrow's, which
-    names the row) in a generic "An error occurred while generating the dataset"."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def check_text_file(path: Path, task: str, kind: str) -> list[dict] | None:
-    """Refuse a local JSON/JSONL or CSV file that is empty, not UTF-8, or (JSON) holds a line that is not
-    a JSON object, naming the file and its line, before `datasets` reads it: its errors name neither,
-    and some (undecodable bytes) surface only as a traceback when the rows are read.
-
-    Returns a JSON file's rows as read (None for CSV, or a JSON document of columns)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"task {task}: {path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
-            "save the file as UTF-8"
-        ) from None
-    if not text.strip():
-        raise DataError(f"task {task}: {path} is empty (no rows)")
-    if kind != "json":
-        return None
-    if text.lstrip().startswith(("[", "{")):  # one JSON document (a list of rows, columns) rather than lines
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError:
-            doc = None  # not one document: JSON Lines, checked below
-        if isinstance(doc, list):
-            bad = next((i for i, r in enumerate(doc) if not isinstance(r, dict)), None)
-            if bad is not None:
-                raise DataError(
-                    f"task {task}: {path} item {bad} is a JSON {_json_type(doc[bad])}, not an object"
-                )
-            if not doc:
-                raise DataError(f"task {task}: {path} is an empty JSON list (no rows)")
-            return doc
-        if isinstance(doc, dict):  # a document of columns, or a file of one row
-            return None if doc and all(isinstance(v, list) for v in doc.values()) else [doc]
-    rows = []
-    # "\n" only: str.splitlines would also split at U+2028 and other separators JSON strings may hold
-    for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as e:
-            raise DataError(f"task {task}: {path} line {n} has the key {e.args[0]!r} twice") from None
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"task {task}: {path} line {n} is not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"task {task}: {path} line {n} is a JSON {_json_type(row)}, not an object of columns"
-            )
-        rows.append(row)
-    return rows
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object whose keys are unique (Arrow refuses a repeated one without saying where)."""
-    row = {}
-    for key, value in pairs:
-        if key in row:
-            raise _DuplicateKey(key)
-        row[key] = value
-    return row
-
-
-def _json_type(value: object) -> str:
-    names = {
-        bool: "boolean",
-        int: "number",
-        float: "number",
-        str: "string",
-        list: "array",
-        type(None): "null",
-    }
-    return names.get(type(value), "object" if isinstance(value, dict) else type(value).__name__)
-
-
-def _disk_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
-    """A ``save_to_disk`` copy: ``path/<split>`` (the official SDFT release's ``train_data``/``eval_data``)
-    or a saved DatasetDict at ``path``."""
-    import datasets
-
-    root = Path(cfg.path).expanduser()
-    try:
-        if (root / split).is_dir():
-            return datasets.load_from_disk(str(root / split)).to_list()
-        saved = datasets.load_from_disk(str(root))
-    except Exception as e:
-        raise DataError(f"task {task}: cannot read the saved dataset {root}: {e}") from None
-    if isinstance(saved, datasets.DatasetDict):
-        if split not in saved:
-            raise DataError(f"task {task}: {root} has no split {split!r} (splits: {', '.join(saved)})")
-        return saved[split].to_list()
-    raise DataError(f"task {task}: {root} is one saved dataset; name its parent and the split directory")
-
-
-def _toy_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
-    """A toy-world skill's rows, generated (deterministically) rather than read."""
-    from sdft_cli.toy import world
-
-    if cfg.path not in world.SKILLS:
-        raise ConfigError(
-            f"task {task}: no toy-world skill {cfg.path!r} (available: {', '.join(world.SKILLS)})"
-        )
-    if split not in world.DEFAULT_ROWS:
-        raise ConfigError(f"task {task}: toy-world splits are {', '.join(world.DEFAULT_ROWS)}, not {split!r}")
-    style = cfg.subset or "plain"
-    if style not in world.STYLES:
-        raise ConfigError(f"task {task}: subset (the demonstration style) must be one of {world.STYLES}")
-    limit = cfg.max_train if split == cfg.train_split else cfg.max_test
-    return world.rows(cfg.path, split, limit or world.DEFAULT_ROWS[split], style=style)
-
-
 def _text(
-    row: dict, column: str, task: str, where: str, i: int, required: bool, structured: bool = False
+    row: dict, column: str, *, task: str, where: str, i: int, required: bool, structured: bool = False
 ) -> str | None:
     """One cell as text. Numbers are written as text (CSV columns arrive typed); an empty, whitespace-only
     or NaN cell counts as missing. Lists and objects are JSON text where ``structured`` (reference answers
@@ -361,7 +76,7 @@ def _text(
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(
-            f"task {task}: {where} row {i}: {column!r} must be text, not a JSON {_json_type(value)} "
+            f"task {task}: {where} row {i}: {column!r} must be text, not a JSON {json_type(value)} "
             f"({str(value)[:60]!r})"
         )
     return str(value)
@@ -376,8 +91,6 @@ def _examples(
     number every message names and the example's ``index``."""
     cols = cfg.columns
     if cfg.format != "columns":
-        from sdft_cli.formats import FORMATS
-
         cols, adapted = ColumnsConfig(), []
         for i, r in zip(positions, rows, strict=True):
             try:
@@ -389,17 +102,20 @@ def _examples(
                     f"task {task}: {where} row {i}: not a {cfg.format} row ({type(e).__name__}: {e})"
                 ) from None
         rows = adapted
-    return [
-        Example(
-            index=i,
-            prompt=_text(r, cols.prompt, task, where, i, True),  # type: ignore[arg-type]
-            demonstration=_text(r, cols.demonstration, task, where, i, train),
-            answer=_text(r, cols.answer, task, where, i, not train, structured=True),
-            system=_text(r, "system", task, where, i, False) if cfg.format != "columns" else None,
-            context=_text(r, cols.context, task, where, i, False),
+    out = []
+    for i, r in zip(positions, rows, strict=True):
+        at = {"task": task, "where": where, "i": i}
+        out.append(
+            Example(
+                index=i,
+                prompt=_text(r, cols.prompt, **at, required=True),  # type: ignore[arg-type]
+                demonstration=_text(r, cols.demonstration, **at, required=train),
+                answer=_text(r, cols.answer, **at, required=not train, structured=True),
+                system=_text(r, "system", **at, required=False) if cfg.format != "columns" else None,
+                context=_text(r, cols.context, **at, required=False),
+            )
         )
-        for i, r in zip(positions, rows, strict=True)
-    ]
+    return out
 
 
 def _sampled_rows(
@@ -407,11 +123,9 @@ def _sampled_rows(
 ) -> tuple[list[dict], list[int], str]:
     """The rows of one split, shuffled by ``sample_seed`` (when set), then capped at ``limit``; with
     each row's position in the split as read."""
-    rows, where = _load_rows(cfg, kind, name, generate)
+    rows, where = load_rows(cfg, kind, name, generate)
     positions = list(range(len(rows)))
     if cfg.sample_seed is not None:
-        import random
-
         order = list(range(len(rows)))  # the same permutation as shuffling the rows themselves
         random.Random(f"{cfg.sample_seed}:{kind}").shuffle(order)
         rows, positions = [rows[i] for i in order], order
@@ -446,13 +160,28 @@ def load_prompts(name: str, cfg: TaskConfig) -> Task:
     rows, positions, where = _sampled_rows(cfg, "train", name, cfg.max_train)
     prompt = cfg.columns.prompt
     train = [
-        Example(index=i, prompt=_text(r, prompt, name, where, i, True) or "", demonstration=None, answer=None)
+        Example(
+            index=i,
+            prompt=_text(r, prompt, task=name, where=where, i=i, required=True) or "",
+            demonstration=None,
+            answer=None,
+        )
         for i, r in zip(positions, rows, strict=True)
     ]
     return Task(name=name, cfg=cfg, train=train)
 
 
-def load_inputs(cfg: Config) -> tuple[dict[str, Task], dict[str, Task], Task | None]:
+@dataclass(frozen=True)
+class Inputs:
+    """A run's data: the curriculum (ordered), the prior-capability probes, and the general-purpose
+    prompt set of ``sft_reinvoke`` (None for the other methods)."""
+
+    tasks: dict[str, Task]
+    probes: dict[str, Task]
+    prompts: Task | None = None
+
+
+def load_inputs(cfg: Config) -> Inputs:
     """Every task, probe and (``sft_reinvoke``) prompt set of a run, loaded and validated: the run
     loads them before it builds or loads a model or writes its directory, so a bad file or row costs
     nothing but the error."""
@@ -463,13 +192,41 @@ def load_inputs(cfg: Config) -> tuple[dict[str, Task], dict[str, Task], Task | N
     prompts = None
     if isinstance(cfg.method, SFTReinvokeConfig):
         prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
-    return tasks, probes, prompts
+    return Inputs(tasks, probes, prompts)
+
+
+def check_inputs(cfg: Config, inputs: Inputs, tokenizer, eos_ids: list[int], context: int) -> None:
+    """Before any work: every context leaves room for its completion within the model's ``context``
+    (for SDFT the teacher's too, for SFT the demonstration), and the preconditions measurement has the
+    demonstrations it needs."""
+    sdft = isinstance(cfg.method, SDFTConfig)
+    for task in inputs.tasks.values():
+        template = (
+            resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template) if sdft else None
+        )
+        rollout_tokens = cfg.rollout.max_new_tokens or task.cfg.max_new_tokens
+        check_lengths(task, tokenizer, context, rollout_tokens, template, None if sdft else eos_ids)
+    for probe in inputs.probes.values():
+        check_lengths(probe, tokenizer, context, probe.cfg.max_new_tokens)
+    if inputs.prompts is not None:  # the re-invocation prompts (sft_reinvoke)
+        check_lengths(inputs.prompts, tokenizer, context, inputs.prompts.cfg.max_new_tokens)
+    if cfg.eval.preconditions:
+        check_demonstrations(list(inputs.tasks.values()))
+
+
+def check_demonstrations(tasks: list[Task]) -> None:
+    """The teacher context needs each test row's demonstration; fail before any work if one is missing."""
+    for task in tasks:
+        missing = [ex.index for ex in task.test if not ex.demonstration]
+        if missing:
+            raise DataError(
+                f"eval.preconditions: task {task.name}: test row {missing[0]} has no demonstration "
+                f"({len(missing)} of {len(task.test)} rows lack one); set eval.preconditions=false"
+            )
 
 
 def _check_patterns(task: Task, where: str) -> None:
     """Every reference of a regex-scored task must compile; name the first row that does not."""
-    from sdft_cli.scorers import alternatives
-
     for ex in task.test:
         for pattern in alternatives(ex.answer or ""):
             try:
@@ -478,25 +235,6 @@ def _check_patterns(task: Task, where: str) -> None:
                 raise DataError(
                     f"task {task.name}: {where} row {ex.index}: invalid regex {pattern!r}: {e}"
                 ) from None
-
-
-def encode_target(tokenizer, messages: list[dict], demonstration: str, eos_ids: list[int]) -> list[int]:
-    """The demonstration as the assistant's turn, as the chat template renders it, up to its end-of-turn.
-
-    Rendering the whole conversation (not ``demonstration + eos``) trains the ending the template really
-    produces, e.g. Gemma's ``<end_of_turn>`` rather than its tokenizer's ``<eos>``.
-    """
-    prompt = encode_messages(tokenizer, messages)
-    if getattr(tokenizer, "chat_template", None):
-        turn = [*messages, {"role": "assistant", "content": demonstration}]
-        text = tokenizer.apply_chat_template(turn, tokenize=False)
-        full = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if full[: len(prompt)] == prompt:
-            target = full[len(prompt) :]
-            end = next((i for i, t in enumerate(target) if t in eos_ids), None)
-            if end is not None:
-                return target[: end + 1]
-    return list(tokenizer(demonstration, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
 def check_lengths(

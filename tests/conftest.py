@@ -7,6 +7,7 @@ per test session under a temporary SDFT_CACHE.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,11 +24,36 @@ SDFT = [sys.executable, "-m", "sdft_cli.cli"]
 SMOKE = ["experiment=smoke", "logger.progress=false"]
 
 
-def sdft(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `sdft` entry point in a subprocess; fail with its output unless ``check=False``."""
-    out = subprocess.run(
-        [*SDFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ
-    )
+def sdft(
+    *args: str, cwd: Path, check: bool = True, timeout: int = 600, process: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the real `sdft` command line, in this process (the Typer app, as the console script calls it)
+    or, with ``process=True``, in a subprocess; fail with its output unless ``check=False``.
+
+    In-process runs save a Python start and the imports per run. The command line, the working
+    directory and the logging handlers Hydra installs are restored afterwards.
+    """
+    if process:
+        out = subprocess.run(
+            [*SDFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ
+        )
+    else:
+        from typer.testing import CliRunner
+
+        from sdft_cli.cli import app
+
+        root = logging.getLogger()
+        saved = (os.getcwd(), sys.argv[:], root.handlers[:], root.level)
+        os.chdir(cwd)
+        try:
+            res = CliRunner().invoke(app, list(args))
+        finally:
+            os.chdir(saved[0])
+            sys.argv, root.handlers[:] = saved[1], saved[2]
+            root.setLevel(saved[3])
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            raise res.exception  # a traceback is a bug, not an exit code
+        out = subprocess.CompletedProcess([*SDFT, *args], res.exit_code, res.stdout, res.stderr)
     if check and out.returncode != 0:
         raise AssertionError(f"sdft {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
@@ -59,8 +85,9 @@ def offline_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(offline_env):
+    from sdft_cli.artifacts import cache_dir
+    from sdft_cli.builders import build_tiny_model
     from sdft_cli.config import TinyModelConfig
-    from sdft_cli.models import build_tiny_model, cache_dir
 
     return build_tiny_model(cache_dir() / "models" / "tiny-test", TinyModelConfig(seed=0))
 
@@ -75,25 +102,48 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
 
-def train_context(model, tok, cfg, layout, task: str = "copy", seed: int = 0, stage: int = 1, rollout=None):
+def train_context(
+    model, tok, cfg, layout, task: str = "copy", seed: int = 0, stage: int = 1, rollout=None, **fields
+):
     """A ``TrainContext`` for calling a method directly: fp32 rollouts, no autocast, a quiet logger."""
     from sdft_cli.config import LoggerConfig, RolloutConfig
+    from sdft_cli.engines import Engines
     from sdft_cli.logger import RunLogger
     from sdft_cli.methods.context import TrainContext
 
+    rollout = rollout or RolloutConfig(dtype="float32")
+    eos = [tok.eos_token_id]
     return TrainContext(
         model=model,
         tokenizer=tok,
         method=cfg,
-        rollout=rollout or RolloutConfig(dtype="float32"),
+        rollout=rollout,
         autocast_dtype=None,
-        eos_ids=[tok.eos_token_id],
+        eos_ids=eos,
         seed=seed,
         stage=stage,
         train_dir=layout.train(stage, task),
         logger=RunLogger(LoggerConfig(), layout, {}, "t"),
+        engines=Engines(rollout, tokenizer=tok, eos_ids=eos, autocast_dtype=None, seed=seed),
         progress=False,
+        **fields,
     )
+
+
+def hf_engine(model, tok, eos=None, autocast_dtype=None, decoder: str = "auto"):
+    """The in-place engine over ``model`` (what evaluation decodes with)."""
+    from sdft_cli.engines import HFEngine
+
+    return HFEngine(model, tok, list(eos or [tok.eos_token_id]), autocast_dtype, decoder=decoder)
+
+
+def assert_names(err: pytest.ExceptionInfo, *parts: str) -> str:
+    """The error's message is one line and names every part (a key, a file, a row)."""
+    text = str(err.value)
+    assert "\n" not in text, text
+    for part in parts:
+        assert part in text, (part, text)
+    return text
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

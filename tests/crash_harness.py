@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crash_checks import compare, progress, table, totals  # noqa: F401  (re-exported for the campaign)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Two tasks, two optimizer steps each, a checkpoint after step 1 (not after the last step: the stage's
@@ -43,6 +45,8 @@ RUN_ARGS = [
     "method.save_teacher=true",
     "eval.max_items=2",
     "rollout.max_new_tokens=4",
+    # the packed decoder copy on any CPU (the default picks it where bf16 compute is native)
+    "rollout.dtype=bfloat16",
     "~eval.probes.opposites",
     "~eval.probes.languages",
 ]
@@ -54,7 +58,9 @@ PRELOAD = (
     "sdft_cli.pipeline",
     "sdft_cli.methods.sdft",
     "sdft_cli.methods.context",
-    "sdft_cli.update",
+    "sdft_cli.teacher",
+    "sdft_cli.checkpoint",
+    "sdft_cli.engines.hf",
     "sdft_cli.report",
     "sdft_cli.evaluate",
     "transformers.modeling_utils",
@@ -94,16 +100,16 @@ def F(stage: str, target: str, nth: int = 1, when: str = "before") -> Fault:
 # Chains of targeted kills, each chain in one run directory: the k of each fault counts calls in the
 # launch it is armed in, which resumes from where the previous kill left the run. An uninterrupted
 # launch of RUN_ARGS makes, in order: row 0 (evaluate_many, 3 x write_jsonl, write_manifest, write_matrix);
-# per task 2 steps x (sync_weights, loss_mask, 2 micro-batches x (completion_hidden teacher, student,
+# per task 2 steps x (DecoderEngine.push, loss_mask, 2 micro-batches x (completion_hidden teacher, student,
 # fused_loss), clip_grad_norm_, Teacher.update), a checkpoint after step 1 (save_file model + teacher,
 # torch.save, write_manifest, prune_checkpoints), the final model (save_file x 2, write_manifest,
 # prune_checkpoints), then its evaluation (evaluate_many, 3 x write_jsonl, kl_to_base with 2
 # completion_hidden, write_manifest, write_matrix). A resumed launch always rewrites row 0's matrix first.
 CAMPAIGN: dict[str, list[Fault]] = {
     "A": [
-        F("rollout", "sdft_cli.rollout:sync_weights", 2),  # task 1, step 2, after checkpoint 1
-        F("teacher scoring", "sdft_cli.score:completion_hidden", 3),  # resumed step 2, micro-batch 2
-        F("update", "sdft_cli.update:Teacher.update", 1, "after"),  # step 2 applied, not checkpointed
+        F("rollout", "sdft_cli.engines.hf:DecoderEngine.push", 2),  # task 1, step 2, after checkpoint 1
+        F("teacher scoring", "sdft_cli.forward:completion_hidden", 3),  # resumed step 2, micro-batch 2
+        F("update", "sdft_cli.teacher:Teacher.update", 1, "after"),  # step 2 applied, not checkpointed
         F("matrix", "sdft_cli.report:write_matrix", 2),  # task 1 evaluated, its matrix not written
     ],
     "B": [
@@ -115,7 +121,7 @@ CAMPAIGN: dict[str, list[Fault]] = {
         F("checkpoint", "safetensors.torch:save_file", 1),  # checkpoint 1's student
         F("checkpoint", "torch:save", 1, "after"),  # trainer state written, no manifest
         F("manifest", "sdft_cli.artifacts:write_manifest", 1, "after"),  # checkpoint complete, not renamed
-        F("checkpoint", "sdft_cli.update:prune_checkpoints", 1),  # checkpoint renamed, older not pruned
+        F("checkpoint", "sdft_cli.checkpoint:prune_checkpoints", 1),  # checkpoint renamed, older not pruned
     ],
     "D": [
         F("evaluation", "sdft_cli.evaluate:evaluate_many", 1),  # row 0 starting
@@ -130,15 +136,15 @@ CAMPAIGN: dict[str, list[Fault]] = {
         F("update", "torch.nn.utils:clip_grad_norm_", 2),  # task 2, step 2, gradients computed
     ],
     "F": [
-        F("teacher scoring", "sdft_cli.score:completion_hidden", 11),  # task 2, step 1, first teacher pass
-        F("update", "sdft_cli.chunked:fused_loss", 2),  # task 2, step 1, micro-batch 2's loss
-        F("update", "sdft_cli.update:Teacher.update", 2),  # task 2, step 2: optimizer stepped, EMA not
-        F("checkpoint", "sdft_cli.update:save_teacher", 1),  # task 2's final student written, teacher not
+        F("teacher scoring", "sdft_cli.forward:completion_hidden", 11),  # task 2, step 1, first teacher pass
+        F("update", "sdft_cli.loss:fused_loss", 2),  # task 2, step 1, micro-batch 2's loss
+        F("update", "sdft_cli.teacher:Teacher.update", 2),  # task 2, step 2: optimizer stepped, EMA not
+        F("checkpoint", "sdft_cli.checkpoint:save_teacher", 1),  # task 2's final student written, teacher not
     ],
     "G": [
-        F("rollout", "sdft_cli.objective:loss_mask", 1),  # task 1, step 1, rollouts done
+        F("rollout", "sdft_cli.loss:loss_mask", 1),  # task 1, step 1, rollouts done
         F("manifest", "sdft_cli.artifacts:write_manifest", 3, "after"),  # task 1 evaluated, matrix not
-        F("rollout", "sdft_cli.rollout:sync_weights", 2),  # task 2, step 2
+        F("rollout", "sdft_cli.engines.hf:DecoderEngine.push", 2),  # task 2, step 2
         F("matrix", "sdft_cli.report:write_matrix", 2, "after"),  # everything written, not yet exited
     ],
     "H": [
@@ -149,7 +155,7 @@ CAMPAIGN: dict[str, list[Fault]] = {
     "I": [
         F("manifest", "sdft_cli.artifacts:write_manifest", 4),  # task 1's results written, no manifest
         F("checkpoint", "torch:save", 1, "after"),  # task 2's checkpoint, trainer state written
-        F("checkpoint", "sdft_cli.update:prune_checkpoints", 2),  # task 2 complete, checkpoints left
+        F("checkpoint", "sdft_cli.checkpoint:prune_checkpoints", 2),  # task 2 complete, checkpoints left
     ],
 }
 
@@ -157,7 +163,7 @@ CAMPAIGN: dict[str, list[Fault]] = {
 # matrix writing.
 CI_CHAIN: list[Fault] = [
     F("manifest", "sdft_cli.artifacts:write_manifest", 1, "after"),  # row 0 complete, matrix not written
-    F("teacher scoring", "sdft_cli.score:completion_hidden", 5),  # task 1, step 2, after checkpoint 1
+    F("teacher scoring", "sdft_cli.forward:completion_hidden", 5),  # task 1, step 2, after checkpoint 1
     F("checkpoint", "torch:save", 1),  # task 2's checkpoint, half built
     F("matrix", "sdft_cli.report:write_matrix", 2),  # the last evaluation written, its matrix not
 ]
@@ -396,142 +402,6 @@ class Harness:
 
 def random_faults(rng: random.Random, count: int, horizon: float) -> list[Fault]:
     return [Fault("random", delay=round(rng.uniform(0.0, horizon), 2)) for _ in range(count)]
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def progress(run: Path) -> str:
-    """Where a killed run stopped, from what it left: the last complete stage or checkpoint."""
-    if not run.is_dir():
-        return "nothing written"
-    done = sorted(run.rglob("manifest.json"), key=lambda p: p.stat().st_mtime_ns)
-    done = [p.parent.relative_to(run).as_posix() for p in done]
-    steps = [json.loads(x) for x in _lines(run / "metrics.jsonl")]
-    last = next((f"stage {r['stage']} step {r['step']}" for r in reversed(steps) if "step" in r), "no step")
-    return f"{done[-1] if done else 'no stage'}; {last}"
-
-
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            out.append('{"torn": true}')
-            continue
-        out.append(line)
-    return out
-
-
-VOLATILE = ("time/", "mem/", "train/tokens_per_s")
-
-
-def log_records(run: Path) -> list[dict]:
-    """metrics.jsonl without the fields that measure wall time."""
-    return [
-        {k: v for k, v in json.loads(x).items() if not k.startswith(VOLATILE)}
-        for x in _lines(run / "metrics.jsonl")
-    ]
-
-
-def weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def compare(run: Path, ref: Path) -> tuple[list[str], list[str]]:
-    """(mismatches, data lost) of a completed ``run`` against the uninterrupted ``ref``."""
-    import torch
-
-    from sdft_cli.artifacts import sha256_file
-
-    mismatches, lost = [], []
-    for suffix in ("csv", "json", "md", "png"):
-        a, b = run / f"matrix.{suffix}", ref / f"matrix.{suffix}"
-        if not a.is_file():
-            lost.append(f"{a} missing")
-        elif a.read_bytes() != b.read_bytes():
-            mismatches.append(f"{a.name} differs")
-    for rel in sorted(p.relative_to(ref) for p in ref.glob("t*/train/*/*.safetensors")):
-        if not (run / rel).is_file():
-            lost.append(f"{rel} missing")
-            continue
-        a, b = weights(run / rel), weights(ref / rel)
-        if a.keys() != b.keys():
-            mismatches.append(f"{rel}: tensor names differ")
-        bad = [k for k in b if k in a and not torch.equal(a[k], b[k])]
-        if bad:
-            diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in bad)
-            mismatches.append(f"{rel}: {len(bad)} tensors differ (max abs {diff:.3g})")
-    for manifest in sorted(p.relative_to(ref) for p in ref.rglob("manifest.json")):
-        if not (run / manifest).is_file():
-            lost.append(f"{manifest} missing (stage not complete)")
-            continue
-        mine = json.loads((run / manifest).read_text())["files"]
-        theirs = json.loads((ref / manifest).read_text())["files"]
-        for rel, meta in mine.items():  # intact: what the manifest promises is there
-            f = run / manifest.parent / rel
-            if not f.is_file() or f.stat().st_size != meta["bytes"]:
-                lost.append(f"{f} listed in its manifest but missing or truncated")
-            elif "sha256" in meta and sha256_file(f) != meta["sha256"]:
-                lost.append(f"{f} does not match its manifest's sha256")
-        if mine.keys() != theirs.keys():
-            mismatches.append(f"{manifest}: files {sorted(set(mine) ^ set(theirs))} differ")
-        changed = [r for r in mine if r in theirs and mine[r].get("sha256") != theirs[r].get("sha256")]
-        if changed:
-            mismatches.append(f"{manifest}: {changed} differ from the uninterrupted run")
-    extra = sorted(
-        p.relative_to(run) for p in run.rglob("manifest.json") if not (ref / p.relative_to(run)).exists()
-    )
-    if extra:
-        mismatches.append(f"stages the uninterrupted run does not have: {extra}")
-    mine, theirs = log_records(run), log_records(ref)
-    missing = [r for r in theirs if r not in mine]
-    if missing:
-        lost.append(f"metrics.jsonl lacks {len(missing)} records, first {missing[0]}")
-    elif mine != theirs:
-        mismatches.append(f"metrics.jsonl differs: {len(mine)} records vs {len(theirs)}")
-    if list(run.glob("t*/train/checkpoints")):
-        mismatches.append("checkpoints left behind in a complete stage")
-    return mismatches, lost
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def table(rows: list[tuple[str, Outcome]]) -> str:
-    """A markdown table, one row per kill point (the trial's restarts and match on its first row)."""
-    out = [
-        "| trial | kill point | stage | fired | landed in | restarts | match |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, o in rows:
-        for i, f in enumerate(o.faults):
-            fired = "yes" if o.launches[i].killed else "no"
-            trial, restarts, match = (
-                (name, o.restarts, "yes" if o.match else "NO") if i == 0 else ("", "", "")
-            )
-            out.append(
-                f"| {trial} | `{f.label}` | {f.stage} | {fired} | {o.landed[i]} | {restarts} | {match} |"
-            )
-    return "\n".join(out)
-
-
-def totals(rows: list[tuple[str, Outcome]]) -> dict[str, int]:
-    outcomes = [o for _, o in rows]
-    return {
-        "trials": len(outcomes),
-        "faults_planned": sum(len(o.faults) for o in outcomes),
-        "faults_injected": sum(o.fired for o in outcomes),
-        "runs_recovered": sum(o.recovered for o in outcomes),
-        "restarts": sum(o.restarts for o in outcomes),
-        "mismatches": sum(bool(o.mismatches) for o in outcomes),
-        "data_lost": sum(bool(o.lost) for o in outcomes),
-    }
 
 
 if __name__ == "__main__":

@@ -92,6 +92,16 @@ def test_run_subdir_sanitises():
         (["rollout.max_new_tokens=8", "rollout.min_new_tokens=9"], "rollout.min_new_tokens (9) exceeds"),
         (["dist.backend=mpi"], "dist.backend='mpi'"),
         (["dist.timeout_min=0"], "dist.timeout_min must be > 0"),
+        (
+            ["experiment=null"],
+            "experiment=null: a config group takes an option name; for no experiment, use experiment=none",
+        ),
+        (["eval.prior=null"], "for no eval/prior, use eval/prior=none"),
+        (["method.name=sft"], "method.name='sft' does not match the chosen method (sdft)"),
+        (
+            ["+task.facts.knowledge.questions_per_article=5"],
+            "task.facts.knowledge applies to source=knowledge only",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(override, message):
@@ -108,3 +118,21 @@ def test_reference_config_is_current():
 
     current = OmegaConf.to_yaml(OmegaConf.structured(compose([])))
     assert (REPO / "docs" / "reference_config.yaml").read_text() == current
+
+
+def test_experiment_method_settings_come_from_their_folder():
+    """experiment_method/<experiment>/<method>.yaml is merged into the method of that experiment only."""
+    assert compose(["experiment=paper_science", "method=sdft"]).method.optim.lr == 5e-5
+    assert compose(["experiment=paper_science", "method=sft"]).method.optim.lr == 1e-5
+    assert compose(["experiment=none", "method=sdft"]).method.optim.lr == 1e-5  # the method's own
+
+
+def test_only_knowledge_tasks_carry_the_generator_settings():
+    cfg = compose(["task=[facts,knowledge]"])
+    assert cfg.task["facts"].knowledge is None and cfg.eval.probes["capitals"].knowledge is None
+    assert cfg.task["knowledge"].knowledge.generator.model == "gpt-5"
+    from sdft_cli.config import TaskConfig
+
+    plain = TaskConfig(source="knowledge", path="corpus")
+    plain.check("task.k")  # no block of its own: the defaults, as recorded in config.yaml
+    assert plain.knowledge is not None and plain.knowledge.questions_per_article == 100

@@ -24,17 +24,12 @@ from sdft_cli.artifacts import (
     verify_manifest,
     write_manifest,
 )
-from sdft_cli.config import METHOD_SCHEMAS, OptimConfig, TaskConfig
+from sdft_cli.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from sdft_cli.config import OptimConfig, TaskConfig
 from sdft_cli.methods import METHODS
+from sdft_cli.schedule import TrainState, build_optimizer
 from sdft_cli.tasks import load_task
-from sdft_cli.update import (
-    Teacher,
-    TrainState,
-    build_optimizer,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from sdft_cli.teacher import Teacher
 
 WORDS = ["apple", "river", "stone", "cloud", "amber", "tiger"]
 
@@ -112,7 +107,7 @@ class Crash(Exception):
 
 
 def make_ctx(model, tok, root):
-    cfg = METHOD_SCHEMAS["sft"](
+    cfg = METHODS["sft"].schema(
         prompts_per_step=2, micro_batch_size=2, max_steps=3, save_every=1, loss_chunk_size=5
     )
     cfg.optim = OptimConfig(lr=1e-3, warmup_steps=0)
@@ -134,10 +129,10 @@ def train(tiny_model, task, root, crash_at: int | None = None):
     student.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
     ctx = make_ctx(student, tok, root)
     if crash_at is None:
-        METHODS["sft"](ctx, task)
+        METHODS["sft"].train(ctx, task)
     else:
         with pytest.raises(Crash):
-            METHODS["sft"](ctx, task)
+            METHODS["sft"].train(ctx, task)
     return ctx
 
 
@@ -207,7 +202,9 @@ def checkpoint_at(tiny_model, path, step: int):
     student = copy.deepcopy(model)
     opt, sched = build_optimizer(student, OptimConfig(), 4)
     teacher = Teacher("live", student, 1.0)
-    return save_checkpoint(path, student, tok, teacher, opt, sched, TrainState(step, 4)), (
+    return save_checkpoint(
+        path, student, tok, teacher=teacher, opt=opt, sched=sched, state=TrainState(step, 4)
+    ), (
         student,
         teacher,
         opt,

@@ -71,7 +71,7 @@ def test_a_second_run_is_refused_and_a_killed_owner_does_not_block_the_next(cras
     run = crash.work / "locked"
     shutil.rmtree(run, ignore_errors=True)
     owner = subprocess.Popen(
-        crash.command(run, Fault("lock", "sdft_cli.update:Teacher.update", 1, "pause")),
+        crash.command(run, Fault("lock", "sdft_cli.teacher:Teacher.update", 1, "pause")),
         cwd=crash.work,
         env=crash.env,
         stdout=subprocess.PIPE,

@@ -169,7 +169,7 @@ def test_a_disk_full_while_a_task_is_saved_keeps_its_checkpoint_and_a_rerun_matc
 
     run = crash.work / "disk_full"
     shutil.rmtree(run, ignore_errors=True)
-    full = Fault("disk", "sdft_cli.update:save_final", 1, "fsize")
+    full = Fault("disk", "sdft_cli.checkpoint:save_final", 1, "fsize")
     res = crash.launch(run, full, env={**crash.env, "CRASH_FSIZE": "4096"})
     train = run / "t01_facts" / "train"
     assert res.rc == 2, res.output[-3000:]

@@ -27,8 +27,8 @@ from divergence_refs import (  # noqa: F401  (_one_thread: autouse fixture)
     rows_of,
 )
 
-from sdft_cli.chunked import nll_terms
-from sdft_cli.divergence import DivergenceSpec, k3, token_terms
+from sdft_cli.config import DivergenceSpec
+from sdft_cli.divergence import k3, nll, token_terms
 
 # ----------------------------------------------------------------------------------------------
 # token_terms: values, logging fields and gradients
@@ -204,7 +204,7 @@ def test_k3_brute_force():
 def test_nll_terms_brute_force(weighting):
     s, _, y, g = _make_logits((3, 4), seed=8, neg_inf=False)
     sc = s.clone().requires_grad_(True)
-    terms = nll_terms(weighting)(sc, None, y)
+    terms = nll(weighting).terms(sc, None, y)
     (grad_code,) = torch.autograd.grad((g * terms.loss).sum(), sc)
 
     s_ref = s.clone().requires_grad_(True)

@@ -19,20 +19,15 @@ import torch
 from conftest import train_context, write_jsonl
 
 from sdft_cli.artifacts import RunLayout, is_complete, read_manifest, verify_manifest
-from sdft_cli.config import METHOD_SCHEMAS, OptimConfig, TaskConfig
+from sdft_cli.checkpoint import save_checkpoint, save_final
+from sdft_cli.config import OptimConfig, TaskConfig
 from sdft_cli.errors import ConfigError
 from sdft_cli.guard import NonFiniteError
 from sdft_cli.methods import METHODS
 from sdft_cli.methods.context import TrainContext
+from sdft_cli.schedule import TrainState, batch_indices, build_optimizer
 from sdft_cli.tasks import load_task
-from sdft_cli.update import (
-    Teacher,
-    TrainState,
-    batch_indices,
-    build_optimizer,
-    save_checkpoint,
-    save_final,
-)
+from sdft_cli.teacher import Teacher
 
 MARK = "#"
 WORDS = ["apple", "river", "stone", "cloud", "amber", "tiger"]
@@ -55,7 +50,7 @@ def make_task(tmp_path, rows: tuple[int, ...] = ()):
 
 
 def make_cfg(method: str = "sft", micro: int = PER_STEP, **optim):
-    cfg = METHOD_SCHEMAS[method](
+    cfg = METHODS[method].schema(
         prompts_per_step=PER_STEP, micro_batch_size=micro, max_steps=STEPS, save_every=1, loss_chunk_size=5
     )
     cfg.optim = OptimConfig(lr=1e-3, warmup_steps=0, **optim)
@@ -98,7 +93,7 @@ def test_stop_names_the_step_and_rows_and_writes_nothing_after_the_fault(method,
     inject(student, tok, "loss")
     ctx = make_ctx(student, tok, make_cfg(method, micro=1), tmp_path)
     with pytest.raises(NonFiniteError) as err:
-        METHODS[method](ctx, make_task(tmp_path, rows=(bad,)))
+        METHODS[method].train(ctx, make_task(tmp_path, rows=(bad,)))
     msg = str(err.value)
     assert "stage 1 (task copy): step 3 " in msg and f"rows [{bad}]" in msg and "on_nonfinite=stop" in msg
 
@@ -124,13 +119,13 @@ def test_resuming_after_a_stop_equals_an_uninterrupted_run(tiny_model, tmp_path)
     ctx = make_ctx(faulty, tok, make_cfg(), tmp_path)
     task = make_task(tmp_path, rows=(bad,))
     with pytest.raises(NonFiniteError, match=r"step 2 .* rows \["):
-        METHODS["sft"](ctx, task)
+        METHODS["sft"].train(ctx, task)
 
     # the fault removed (the hook is gone), the same command resumes from the step-1 checkpoint
     resumed = make_ctx(copy.deepcopy(model), tok, make_cfg(), tmp_path)
-    METHODS["sft"](resumed, task)
+    METHODS["sft"].train(resumed, task)
     ref = make_ctx(copy.deepcopy(model), tok, make_cfg(), tmp_path / "ref")
-    METHODS["sft"](ref, task)
+    METHODS["sft"].train(ref, task)
     a, b = resumed.model.state_dict(), ref.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [r["train/loss"] for r in records(resumed) if "step" in r]
@@ -151,7 +146,7 @@ def test_skip_leaves_the_weights_unchanged_counts_and_finishes(method, kind, tin
 
     student.get_decoder().register_forward_pre_hook(snapshot, with_kwargs=True)
     ctx = make_ctx(student, tok, make_cfg(method, on_nonfinite="skip"), tmp_path)
-    METHODS[method](ctx, make_task(tmp_path, rows=(bad,)))
+    METHODS[method].train(ctx, make_task(tmp_path, rows=(bad,)))
 
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     after = student.state_dict()
@@ -172,7 +167,7 @@ def test_consecutive_skips_are_capped(tiny_model, tmp_path):
     inject(student, tok, "loss", always=True)
     ctx = make_ctx(student, tok, make_cfg(on_nonfinite="skip", max_nonfinite_skips=2), tmp_path)
     with pytest.raises(NonFiniteError, match=r"step 3 .*after 2 consecutive skipped steps"):
-        METHODS["sft"](ctx, make_task(tmp_path))
+        METHODS["sft"].train(ctx, make_task(tmp_path))
     # the checkpoints of the skipped steps hold the untouched (finite) weights
     ckpt = ctx.train_dir / "checkpoints" / "step_000002"
     assert json.loads((ckpt / "state.json").read_text())["skipped"] == [1, 2]
@@ -189,7 +184,7 @@ def test_a_nonfinite_state_is_never_saved(tiny_model, tmp_path):
         param[0, 0] = float("inf")
     path = tmp_path / "ck" / "step_000001"
     with pytest.raises(NonFiniteError, match=rf"not writing {path}: student: {name}"):
-        save_checkpoint(path, student, tok, teacher, opt, sched, TrainState(1, 4))
+        save_checkpoint(path, student, tok, teacher=teacher, opt=opt, sched=sched, state=TrainState(1, 4))
     assert not path.exists()
     with pytest.raises(NonFiniteError, match="student"):
         save_final(tmp_path / "train", student, tok, {})

@@ -11,8 +11,9 @@ from conftest import SMOKE, sdft
 
 from sdft_cli.config import TaskConfig
 from sdft_cli.errors import DataError
+from sdft_cli.names import TEACHER_TEMPLATES
 from sdft_cli.scorers import answer_tag, tool_call
-from sdft_cli.tasks import TEACHER_TEMPLATES, load_task
+from sdft_cli.tasks import load_task
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import ChatServer
+from conftest import ChatServer, hf_engine
 
 from sdft_cli.config import JudgeConfig
 from sdft_cli.judge import PROMPTS, Judge, JudgeError, parse_verdict
@@ -141,7 +141,7 @@ def test_a_judged_task_scores_through_evaluate_many(server, tmp_path, tiny_model
 
     model, tok = tiny_model
     task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), scorer="judge_medical"))
-    res = evaluate_many(model, tok, [task], [tok.eos_token_id], judge=config(server, tmp_path))[0]
+    res = evaluate_many(hf_engine(model, tok), tok, [task], judge=config(server, tmp_path))[0]
     assert len(server.requests) == len(task.test) == res.n
     for p in res.predictions:
         assert p["score"] == float(p["answer"] in p["prediction"])

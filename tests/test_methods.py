@@ -8,7 +8,7 @@ import torch
 from conftest import train_context
 
 from sdft_cli.artifacts import RunLayout, is_complete
-from sdft_cli.config import METHOD_SCHEMAS, RolloutConfig, TaskConfig
+from sdft_cli.config import RolloutConfig, TaskConfig
 from sdft_cli.methods import METHODS
 from sdft_cli.tasks import load_task
 
@@ -43,7 +43,7 @@ def test_one_task_trains_logs_and_saves(method, options, tiny_model, copy_task_d
     model, tok = tiny_model
     student = copy.deepcopy(model)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    cfg = METHOD_SCHEMAS[method](prompts_per_step=2, micro_batch_size=1, max_steps=3, loss_chunk_size=5)
+    cfg = METHODS[method].schema(prompts_per_step=2, micro_batch_size=1, max_steps=3, loss_chunk_size=5)
     for k, v in options.items():
         setattr(cfg, k, v)
     cfg.__post_init__()
@@ -51,7 +51,7 @@ def test_one_task_trains_logs_and_saves(method, options, tiny_model, copy_task_d
     task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=6))
     layout = RunLayout(tmp_path)
     ctx = train_context(student, tok, cfg, layout)
-    out = METHODS[method](ctx, task)
+    out = METHODS[method].train(ctx, task)
 
     assert out == layout.model(1, "copy") and (out / "model.safetensors").is_file()
     assert is_complete(layout.train(1, "copy")) and not (layout.train(1, "copy") / "checkpoints").exists()
@@ -83,12 +83,12 @@ def test_chunked_and_naive_training_steps_agree(tiny_model, copy_task_dir, tmp_p
     results = []
     for chunk in (0, 3):
         student = copy.deepcopy(model)
-        cfg = METHOD_SCHEMAS["sdft"](
+        cfg = METHODS["sdft"].schema(
             prompts_per_step=2, micro_batch_size=1, max_steps=2, loss_chunk_size=chunk
         )
         cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 0
         layout = RunLayout(tmp_path / f"c{chunk}")
-        METHODS["sdft"](train_context(student, tok, cfg, layout), task)
+        METHODS["sdft"].train(train_context(student, tok, cfg, layout), task)
         records = [json.loads(line) for line in layout.metrics_log.read_text().splitlines()]
         results.append(([r["train/loss"] for r in records], student.state_dict()))
     (loss_a, w_a), (loss_b, w_b) = results
@@ -107,11 +107,11 @@ def test_bf16_teacher_scoring_rounds_only_the_teacher(tiny_model, copy_task_dir,
     task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=6))
     runs = []
     for precision in ("fp32", "bf16"):
-        cfg = METHOD_SCHEMAS["sdft"](
+        cfg = METHODS["sdft"].schema(
             prompts_per_step=2, micro_batch_size=2, max_steps=1, teacher_precision=precision
         )
         layout = RunLayout(tmp_path / precision)
-        METHODS["sdft"](train_context(copy.deepcopy(model), tok, cfg, layout), task)
+        METHODS["sdft"].train(train_context(copy.deepcopy(model), tok, cfg, layout), task)
         runs.append(json.loads(layout.metrics_log.read_text().splitlines()[0]))
     fp32, bf16 = runs
     assert fp32["train/completion_len_mean"] == bf16["train/completion_len_mean"]
@@ -122,17 +122,17 @@ def test_bf16_teacher_scoring_rounds_only_the_teacher(tiny_model, copy_task_dir,
 
 def test_sft_loss_is_the_demonstration_nll(tiny_model, copy_task_dir, tmp_path):
     """At lr -> 0 the first logged SFT loss equals a brute-force NLL of prompt + demonstration."""
-    from sdft_cli.tasks import encode_messages, encode_target, student_messages
-    from sdft_cli.update import batch_indices
+    from sdft_cli.prompts import encode_messages, encode_target, student_messages
+    from sdft_cli.schedule import batch_indices
 
     model, tok = tiny_model
     student = copy.deepcopy(model)
-    cfg = METHOD_SCHEMAS["sft"](prompts_per_step=2, micro_batch_size=2, max_steps=1)
+    cfg = METHODS["sft"].schema(prompts_per_step=2, micro_batch_size=2, max_steps=1)
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-12, 0
     task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir)))
     layout = RunLayout(tmp_path)
     ctx = train_context(student, tok, cfg, layout, seed=3, rollout=RolloutConfig())
-    METHODS["sft"](ctx, task)
+    METHODS["sft"].train(ctx, task)
     logged = json.loads(layout.metrics_log.read_text().splitlines()[0])["train/loss"]
 
     want = 0.0

@@ -11,7 +11,8 @@ from conftest import REPO
 CHECK = """
 import sdft_cli, sys
 from sdft_cli.compose import compose, conf_dir
-from sdft_cli.tasks import bundled_dir, load_task
+from sdft_cli.rows import bundled_dir
+from sdft_cli.tasks import load_task
 assert sdft_cli.__file__.startswith(sys.argv[1]), sdft_cli.__file__
 assert str(conf_dir()).startswith(sys.argv[1]), conf_dir()
 cfg = compose(["method=sft", "task=[mcq,facts]"])
@@ -24,7 +25,7 @@ def test_wheel_has_configs_and_data_and_composes_when_installed(tmp_path):
     pip = [sys.executable, "-m", "pip"]
     # build from a copy: an in-tree build/ directory could carry stale modules into the wheel
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "runs", "*.egg-info"))
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "runs", "*.egg-info"))
     dist = tmp_path / "dist"
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],

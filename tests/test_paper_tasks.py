@@ -13,7 +13,8 @@ from sdft_cli.config import EndpointConfig, KnowledgeConfig, TaskConfig
 from sdft_cli.errors import DataError
 from sdft_cli.knowledge import QA_PROMPT, dedupe, parse_pairs, read_corpus
 from sdft_cli.llm import EndpointError
-from sdft_cli.tasks import TEACHER_TEMPLATES, load_task
+from sdft_cli.names import TEACHER_TEMPLATES
+from sdft_cli.tasks import load_task
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # paper.md Sec. 2.2, the official teacher string, written with explicit newlines

@@ -13,7 +13,8 @@ from sdft_cli.compose import compose
 from sdft_cli.config import SFTReinvokeConfig
 from sdft_cli.errors import ConfigError
 from sdft_cli.methods.reinvoke import phase_configs
-from sdft_cli.update import Teacher, steps_per_task
+from sdft_cli.schedule import steps_per_task
+from sdft_cli.teacher import Teacher
 
 RUN = [*SMOKE, "method=sft_reinvoke", "task=[facts]", "method.optim.lr=3e-3", "method.reinvoke.lr=3e-3"]
 

@@ -2,9 +2,15 @@
 
 import pytest
 import torch
+from conftest import hf_engine
 
-from sdft_cli.rollout import Sampling, completion_mask, generate_hf, left_pad
-from sdft_cli.score import completion_logits
+from sdft_cli.forward import completion_logits
+from sdft_cli.rollout import Sampling, completion_mask, left_pad
+
+
+def _generate(model, tok, prompts, sampling, eos):
+    """Decode on the in-place engine over ``model``, as evaluation does."""
+    return hf_engine(model, tok, eos).generate(prompts, sampling)
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -33,12 +39,12 @@ def test_greedy_batch_equals_one_by_one(tiny_model):
     prompts = [tok(t)["input_ids"] for t in ("hi", "a much longer prompt here", "mid length")]
     s = Sampling(max_new_tokens=12, temperature=0.0, batch_size=8)
     # make the third token the first prompt generates an end token, so early stops are exercised
-    probe = generate_hf(model, tok, prompts[:1], s, [tok.eos_token_id])
+    probe = _generate(model, tok, prompts[:1], s, [tok.eos_token_id])
     eos = [tok.eos_token_id, int(probe.completion_ids[0, 2])]
-    batched = generate_hf(model, tok, prompts, s, eos)
+    batched = _generate(model, tok, prompts, s, eos)
     assert not batched.truncated[0] and int(batched.completion_mask[0].sum()) <= 3
     for i, p in enumerate(prompts):
-        alone = generate_hf(model, tok, [p], s, eos)
+        alone = _generate(model, tok, [p], s, eos)
         n = int(alone.completion_mask[0].sum())
         assert batched.completion_ids[i, :n].tolist() == alone.completion_ids[0, :n].tolist()
         assert int(batched.completion_mask[i].sum()) == n
@@ -49,11 +55,11 @@ def test_min_new_tokens_suppresses_the_end_until_the_cap(tiny_model):
     """rollout.min_new_tokens = max: every completion is exactly that long (a benchmark's fixed work)."""
     model, tok = tiny_model
     prompts = [tok(t)["input_ids"] for t in ("hi", "a much longer prompt here")]
-    probe = generate_hf(model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0), [tok.eos_token_id])
+    probe = _generate(model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0), [tok.eos_token_id])
     eos = [tok.eos_token_id, int(probe.completion_ids[0, 1])]  # the first prompt would stop at token 2
-    free = generate_hf(model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0), eos)
+    free = _generate(model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0), eos)
     assert free.lengths[0] <= 2
-    forced = generate_hf(
+    forced = _generate(
         model, tok, prompts, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=12), eos
     )
     assert forced.lengths == [12, 12] and forced.truncated == [True, True]
@@ -64,12 +70,12 @@ def test_the_models_generation_config_does_not_leak_into_sampling(tiny_model):
     model, tok = tiny_model
     prompts = [tok("the the the the")["input_ids"]]
     s = Sampling(max_new_tokens=10, temperature=0.0)
-    plain = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    plain = _generate(model, tok, prompts, s, [tok.eos_token_id])
     model.generation_config.repetition_penalty = 100.0
     model.generation_config.no_repeat_ngram_size = 1
     try:
         assert torch.equal(
-            generate_hf(model, tok, prompts, s, [tok.eos_token_id]).completion_ids, plain.completion_ids
+            _generate(model, tok, prompts, s, [tok.eos_token_id]).completion_ids, plain.completion_ids
         )
         reference = model.generate(input_ids=torch.tensor(prompts), max_new_tokens=10, do_sample=False)
         assert (
@@ -86,9 +92,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model):
     prompts = [tok("seed test")["input_ids"]] * 4
     s = Sampling(max_new_tokens=10, temperature=1.0, batch_size=2)
     torch.manual_seed(123)
-    a = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    a = _generate(model, tok, prompts, s, [tok.eos_token_id])
     torch.manual_seed(123)
-    b = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    b = _generate(model, tok, prompts, s, [tok.eos_token_id])
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 
@@ -126,9 +132,9 @@ def test_evaluating_tasks_together_equals_each_alone(tiny_model, copy_task_dir):
     long = load_task(
         "long", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=9), train=False
     )
-    pooled = evaluate_many(model, tok, [short, long], [tok.eos_token_id], batch_size=3)
+    pooled = evaluate_many(hf_engine(model, tok), tok, [short, long], batch_size=3)
     for task, res in zip((short, long), pooled, strict=True):
-        alone = evaluate(model, tok, task, [tok.eos_token_id], batch_size=1)
+        alone = evaluate(hf_engine(model, tok), tok, task, batch_size=1)
         assert [p["prediction"] for p in res.predictions] == [p["prediction"] for p in alone.predictions]
         assert [p["truncated"] for p in res.predictions] == [p["truncated"] for p in alone.predictions]
         assert res.value == alone.value and res.n == 2
@@ -142,7 +148,7 @@ def test_sampler_logprobs_are_the_models_temperature_scaled_logprobs(tiny_model)
     prompts = [tok(t)["input_ids"] for t in ("hi", "a much longer prompt here", "mid")]
     torch.manual_seed(0)
     s = Sampling(max_new_tokens=10, temperature=0.7, batch_size=2, logprobs=True)
-    ro = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
+    ro = _generate(model, tok, prompts, s, [tok.eos_token_id])
     comp, mask = ro.completion_ids.clone(), ro.completion_mask.clone()
     with torch.no_grad():
         logits = completion_logits(model, prompts, comp, mask, tok.pad_token_id)
@@ -153,7 +159,7 @@ def test_sampler_logprobs_are_the_models_temperature_scaled_logprobs(tiny_model)
 
 
 def test_hidden_states_through_the_output_head_are_the_completion_logits(tiny_model):
-    from sdft_cli.score import completion_hidden, output_head
+    from sdft_cli.forward import completion_hidden, output_head
 
     model, tok = tiny_model
     contexts = [tok("first context")["input_ids"], tok("x")["input_ids"]]
@@ -182,9 +188,9 @@ def test_kl_to_base_is_zero_for_the_base_and_matches_a_brute_force_sum(tiny_mode
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    res = evaluate_many(other, tok, [task], [tok.eos_token_id], batch_size=4)[0]
-    assert kl_to_base(model, model, res, tok.pad_token_id)["kl_to_base_token"] == 0.0
-    got = kl_to_base(model, other, res, tok.pad_token_id, batch_size=2)
+    res = evaluate_many(hf_engine(other, tok), tok, [task], batch_size=4)[0]
+    assert kl_to_base(model, model, res, pad_id=tok.pad_token_id)["kl_to_base_token"] == 0.0
+    got = kl_to_base(model, other, res, pad_id=tok.pad_token_id, batch_size=2)
     # brute force: one unpadded sequence at a time, KL summed with Python floats, both directions
     total, reverse, count, seqs = 0.0, 0.0, 0, []
     for ctx, c, m in zip(res.contexts, res.completions.clone(), res.completion_mask.clone(), strict=True):
@@ -215,15 +221,16 @@ def test_kl_to_base_reads_the_base_model_on_its_own_contexts(tiny_model, copy_ta
     from the base student, paper Sec. 3.2): equal to a brute force over the two contexts."""
     from sdft_cli.config import TaskConfig
     from sdft_cli.evaluate import evaluate_many, kl_to_base
-    from sdft_cli.tasks import TEACHER_TEMPLATES, load_task
+    from sdft_cli.names import TEACHER_TEMPLATES
+    from sdft_cli.tasks import load_task
 
     model, tok = tiny_model
     task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=5))
     res = evaluate_many(
-        model, tok, [task], [tok.eos_token_id], batch_size=4, teacher_template=TEACHER_TEMPLATES["toy"]
+        hf_engine(model, tok), tok, [task], batch_size=4, teacher_template=TEACHER_TEMPLATES["toy"]
     )[0]
     base_ctx = [tok(ex.prompt, add_special_tokens=False)["input_ids"] for ex in task.test]
-    got = kl_to_base(model, model, res, tok.pad_token_id, batch_size=3, base_contexts=base_ctx)
+    got = kl_to_base(model, model, res, pad_id=tok.pad_token_id, batch_size=3, base_contexts=base_ctx)
     total, count = 0.0, 0
     for ctx, bctx, c, m in zip(
         res.contexts, base_ctx, res.completions.clone(), res.completion_mask.clone(), strict=True
@@ -254,16 +261,16 @@ def test_pass_at_k_evaluation_counts_correct_samples(tiny_model, copy_task_dir):
     task.test = task.test + [
         dataclasses.replace(ex, index=ex.index + 2, prompt=ex.prompt + "!") for ex in task.test
     ]
-    greedy = evaluate_many(model, tok, [task], [tok.eos_token_id])[0]
+    greedy = evaluate_many(hf_engine(model, tok), tok, [task])[0]
     task.test = [
         dataclasses.replace(ex, answer=p["prediction"] if i % 2 == 0 else "zzz zzz")
         for i, (ex, p) in enumerate(zip(task.test, greedy.predictions, strict=True))
     ]
     cfg = PassAtKConfig(k=[1, 2, 4], n=4, temperature=1e-6, top_p=1.0)
-    got = pass_at_k(model, tok, task, [tok.eos_token_id], cfg)
+    got = pass_at_k(hf_engine(model, tok), tok, task, cfg)
     assert got["correct"] == [4, 0, 4, 0]
     for k in cfg.k:
         expected = sum(estimate(4, c, k) for c in got["correct"]) / len(task.test)
         assert got["pass_at_k"][str(k)] == pytest.approx(expected) == 0.5
-    hot = pass_at_k(model, tok, task, [tok.eos_token_id], PassAtKConfig(k=[1, 8], n=8, temperature=1.0))
+    hot = pass_at_k(hf_engine(model, tok), tok, task, PassAtKConfig(k=[1, 8], n=8, temperature=1.0))
     assert 0.0 <= hot["pass_at_k"]["1"] <= hot["pass_at_k"]["8"] <= 1.0

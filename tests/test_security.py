@@ -18,11 +18,11 @@ from conftest import REPO, SMOKE, ChatServer, sdft, write_jsonl
 from sdft_cli import pipeline
 from sdft_cli.compose import compose
 from sdft_cli.config import BenchmarkConfig, OptimConfig, PriorConfig
+from sdft_cli.engines.vllm import runs_remote_code
 from sdft_cli.errors import ConfigError
 from sdft_cli.logger import REDACTED, redact_argv
 from sdft_cli.models import load_config, load_model, load_tokenizer
 from sdft_cli.prior import check
-from sdft_cli.vllm_engine import runs_remote_code
 
 MARKER_CODE = """from pathlib import Path
 
@@ -79,7 +79,7 @@ def test_model_code_is_refused_by_default_and_runs_only_when_trusted(tmp_path, t
     # trusted: the model's own class is built (the code ran), and an engine serving it may run it too
     script = (
         "import sys\nfrom sdft_cli.models import load_model\n"
-        "from sdft_cli.vllm_engine import runs_remote_code\n"
+        "from sdft_cli.engines.vllm import runs_remote_code\n"
         "m = load_model(sys.argv[1], trust_remote_code=True); print(type(m).__name__, runs_remote_code(m))"
     )
     done = subprocess.run(
@@ -329,7 +329,9 @@ def test_api_keys_never_reach_the_run_directory_hydra_or_wandb(tmp_path, monkeyp
 
 
 def test_a_trusted_custom_code_model_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    from sdft_cli.update import Teacher, TrainState, build_optimizer, load_checkpoint, save_checkpoint
+    from sdft_cli.checkpoint import load_checkpoint, save_checkpoint
+    from sdft_cli.schedule import TrainState, build_optimizer
+    from sdft_cli.teacher import Teacher
 
     marker = tmp_path / "marker.txt"
     model_dir = custom_code_model(tiny_model_dir, tmp_path / "custom", marker)
@@ -337,8 +339,10 @@ def test_a_trusted_custom_code_model_resumes_from_its_checkpoint(tmp_path, tiny_
     student = load_model(model_dir, trust_remote_code=True)
     opt, sched = build_optimizer(student, OptimConfig(), 4)
     teacher = Teacher("ema", student, 0.1)
-    ckpt = save_checkpoint(tmp_path / "step_000001", student, load_tokenizer(model_dir), teacher, opt, sched,
-                           TrainState(1, 4))  # fmt: skip
+    tok = load_tokenizer(model_dir)
+    ckpt = save_checkpoint(
+        tmp_path / "step_000001", student, tok, teacher=teacher, opt=opt, sched=sched, state=TrainState(1, 4)
+    )
     with pytest.raises(ConfigError, match=r"set model.trust_remote_code=true"):
         load_checkpoint(ckpt, student, teacher, opt, sched)  # the default refuses the saved model's code
     assert load_checkpoint(ckpt, student, teacher, opt, sched, trust_remote_code=True).step == 1

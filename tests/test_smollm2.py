@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import hf_engine, sdft
 
 pytestmark = [
     pytest.mark.smollm,
@@ -43,7 +44,7 @@ def test_conversion_gives_a_plain_hf_model_that_knows_capitals(smollm2_dir):
     probe_cfg = TaskConfig(path="capitals", scorer="contains", max_new_tokens=16)
     probe = load_task("capitals", probe_cfg, train=False)
     probe.test = probe.test[:8]
-    res = evaluate(model, tok, probe, eos_ids(tok, model), batch_size=8)
+    res = evaluate(hf_engine(model, tok, eos_ids(tok, model)), tok, probe, batch_size=8)
     assert res.value >= 0.5, [p["prediction"] for p in res.predictions]
 
 
@@ -61,14 +62,7 @@ def test_short_real_run(method, smollm2_dir, tmp_path):
         "logger.progress=false",
         f"run_dir={tmp_path / 'r'}",
     ]
-    out = subprocess.run(
-        [sys.executable, "-m", "sdft_cli.cli", "run", *args],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    sdft("run", *args, cwd=tmp_path)
     data = json.loads((tmp_path / "r" / "matrix.json").read_text())
     assert data["rows"] == ["base", "1:facts"] and data["columns"][0] == "facts"
     from safetensors.torch import load_file

@@ -8,17 +8,10 @@ from conftest import REPO, write_jsonl
 
 from sdft_cli.config import TaskConfig
 from sdft_cli.errors import ConfigError, DataError
-from sdft_cli.tasks import (
-    TEACHER_TEMPLATES,
-    Task,
-    bundled_tasks,
-    check_lengths,
-    encode_target,
-    fill_template,
-    load_task,
-    resolve_teacher_template,
-    teacher_messages,
-)
+from sdft_cli.names import TEACHER_TEMPLATES, resolve_teacher_template
+from sdft_cli.prompts import encode_target, fill_template, teacher_messages
+from sdft_cli.rows import bundled_tasks
+from sdft_cli.tasks import Task, check_lengths, load_task
 
 
 def test_bundled_tasks_load_and_have_demonstrations():
@@ -117,7 +110,7 @@ def test_sft_target_is_the_assistant_turn_of_the_chat_template(tiny_model):
         tok.apply_chat_template([*msgs, {"role": "assistant", "content": "hi there"}], tokenize=False),
         add_special_tokens=False,
     )["input_ids"]
-    from sdft_cli.tasks import encode_messages
+    from sdft_cli.prompts import encode_messages
 
     assert full[: len(encode_messages(tok, msgs)) + len(target)] == encode_messages(tok, msgs) + target
 

@@ -85,7 +85,7 @@ def test_tokenizer_round_trips_every_character_one_token_each():
 
 
 def test_chat_rendering_and_target_through_the_task_machinery():
-    from sdft_cli.tasks import encode_messages, encode_target, student_messages, teacher_messages
+    from sdft_cli.prompts import encode_messages, encode_target, student_messages, teacher_messages
 
     tok = world.build_tokenizer()
     msgs = student_messages("rev:abc", None)
@@ -147,8 +147,7 @@ def test_unknown_prior_skill_is_a_config_error():
 def test_preconditions_need_a_demonstration_in_every_test_row():
     from sdft_cli.config import TaskConfig
     from sdft_cli.errors import DataError
-    from sdft_cli.preconditions import check_demonstrations
-    from sdft_cli.tasks import Example, Task
+    from sdft_cli.tasks import Example, Task, check_demonstrations
 
     ok = Task("a", TaskConfig(path="a"), test=[Example(0, "p", "d", "x")])
     bad = Task("b", TaskConfig(path="b"), test=[Example(0, "p", "d", "x"), Example(1, "p", None, "x")])

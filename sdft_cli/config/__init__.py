@@ -19,8 +19,8 @@ from sdft_cli.config.checks import _choice, _finite, _nonempty, _nonneg, _positi
 from sdft_cli.config.credentials import check_no_literal_secrets
 from sdft_cli.config.evaluation import BenchmarkConfig, EvalConfig, PassAtKConfig, PriorConfig
 from sdft_cli.config.method import (
-    METHOD_SCHEMAS,
     DFTConfig,
+    DivergenceSpec,
     MethodConfig,
     OfflineDistillConfig,
     OptimConfig,
@@ -32,14 +32,15 @@ from sdft_cli.config.method import (
 from sdft_cli.config.model import ModelConfig, TinyModelConfig, ToyWorldConfig
 from sdft_cli.config.task import ColumnsConfig, EndpointConfig, JudgeConfig, KnowledgeConfig, TaskConfig
 from sdft_cli.errors import ConfigError
+from sdft_cli.names import METHODS
 
 __all__ = [
-    "METHOD_SCHEMAS",
     "BenchmarkConfig",
     "ColumnsConfig",
     "Config",
     "DFTConfig",
     "DistConfig",
+    "DivergenceSpec",
     "EndpointConfig",
     "EvalConfig",
     "JudgeConfig",
@@ -206,13 +207,12 @@ class Config:
         if self.model.source == "hf" and not self.model.path:
             raise ConfigError("model.path must be set when model.source=hf (a hub id or a local directory)")
         if not isinstance(self.method, MethodConfig):
-            raise ConfigError("method must be one of: " + ", ".join(METHOD_SCHEMAS))
-        if METHOD_SCHEMAS.get(self.method.name) is not type(self.method):
+            raise ConfigError("method must be one of: " + ", ".join(METHODS))
+        if self.method.name != type(self.method).name:
             # the name picks the training loop; the schema was picked by method=<option>
             raise ConfigError(
                 f"method.name={self.method.name!r} does not match the chosen method "
-                f"({type(self.method).__name__}); choose a method with method=<name> "
-                f"({', '.join(METHOD_SCHEMAS)})"
+                f"({type(self.method).name}); choose a method with method=<name> ({', '.join(METHODS)})"
             )
         _nonempty("run_dir", self.run_dir)
         _nonempty("name", self.name)

@@ -9,6 +9,53 @@ from omegaconf import MISSING
 from sdft_cli.config.checks import _choice, _finite, _nonneg, _positive
 from sdft_cli.config.task import TaskConfig
 from sdft_cli.errors import ConfigError
+from sdft_cli.names import DIVERGENCES, ESTIMATORS, SUPPORTS, teacher_template
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """The per-token objective as the loss code takes it (``divergence.py``); ``SDFTConfig.spec()``."""
+
+    divergence: str = "forward"
+    jsd_beta: float = 0.5
+    support: str = "full"
+    topk: int = 100
+    topk_source: str = "teacher"
+    topk_tail: str = "renorm"
+    estimator: str = "analytic"
+    temperature: float = 1.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the field (the config layer prefixes ``method.``)."""
+        choices = {
+            "divergence": DIVERGENCES,
+            "support": SUPPORTS,
+            "estimator": ESTIMATORS,
+            "topk_source": ("teacher", "student"),
+            "topk_tail": ("renorm", "bucket"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be > 0, got {self.topk}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.estimator in ("sampled", "rb") and self.divergence != "reverse":
+            raise ValueError(f"estimator={self.estimator} estimates reverse KL; set divergence=reverse")
+        if self.estimator == "sampled" and self.support != "full":
+            raise ValueError("estimator=sampled uses only the sampled token; set support=full")
+
+    @property
+    def effective_divergence(self) -> str:
+        """jsd at an end point is exactly one of the KLs."""
+        if self.divergence == "jsd" and self.jsd_beta == 0.0:
+            return "forward"
+        if self.divergence == "jsd" and self.jsd_beta == 1.0:
+            return "reverse"
+        return self.divergence
 
 
 @dataclass
@@ -128,7 +175,7 @@ class SDFTConfig(MethodConfig):
     is_cap: float = 2.0
     # Also write the task's final teacher weights (teacher.safetensors) next to the student.
     save_teacher: bool = False
-    # A name from sdft_cli.tasks.TEACHER_TEMPLATES or a literal template with {prompt} and {demonstration}.
+    # A name from sdft_cli.names.TEACHER_TEMPLATES or a literal template with {prompt} and {demonstration}.
     # null = each task's own teacher_template, else "paper". Set here, it applies to every task.
     teacher_template: str | None = None
 
@@ -146,18 +193,14 @@ class SDFTConfig(MethodConfig):
         _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
         _nonneg("method.skip_first_tokens", self.skip_first_tokens)
         if self.teacher_template is not None:
-            from sdft_cli.tasks import teacher_template
-
             teacher_template(self.teacher_template, "method.teacher_template")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
         if not 1.0 <= self.is_cap < float("inf"):  # NaN fails too
             raise ConfigError(f"method.is_cap must be >= 1 and finite, got {self.is_cap}")
 
-    def spec(self):
+    def spec(self) -> DivergenceSpec:
         """The per-token objective as the loss code takes it (same field names)."""
-        from sdft_cli.divergence import DivergenceSpec
-
         return DivergenceSpec(**{f.name: getattr(self, f.name) for f in fields(DivergenceSpec)})
 
 
@@ -229,12 +272,3 @@ class SFTReinvokeConfig(SFTConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.reinvoke.check()
-
-
-METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
-    "sdft": SDFTConfig,
-    "offline_distill": OfflineDistillConfig,
-    "sft": SFTConfig,
-    "dft": DFTConfig,
-    "sft_reinvoke": SFTReinvokeConfig,
-}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sdft_cli.config.checks import _choice, _nonempty, _nonneg, _positive
 from sdft_cli.config.credentials import check_env_name
 from sdft_cli.errors import ConfigError
+from sdft_cli.names import JUDGE_SCORERS, ROW_FORMATS, SCORERS, TASK_SOURCES, teacher_template
 
 
 @dataclass
@@ -114,33 +117,44 @@ class TaskConfig:
     max_train: int | None = None
     max_test: int | None = None
     description: str = ""
-    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    # source=knowledge only: how the QA pairs are written ({generator, questions_per_article, ...};
+    # null there = the defaults). Untyped in the schema so that an override can set the whole block;
+    # checked against KnowledgeConfig by `check`.
+    knowledge: Any = None
 
     def check(self, key: str) -> None:
         """Value checks; ``key`` is this task's full config key (``task.facts``, ``eval.probes.capitals``)."""
-        from sdft_cli.scorers import SCORERS
-
-        _choice(
-            f"{key}.source",
-            self.source,
-            ("bundled", "json", "csv", "parquet", "hf", "disk", "toy", "knowledge"),
-        )
-        from sdft_cli.judge import JUDGE_SCORERS
-
+        _choice(f"{key}.source", self.source, TASK_SOURCES)
         _choice(f"{key}.scorer", self.scorer, (*SCORERS, *JUDGE_SCORERS))
-        _choice(f"{key}.format", self.format, ("columns", "toolalpaca", "sciknoweval", "huatuo"))
+        _choice(f"{key}.format", self.format, ROW_FORMATS)
         _positive(f"{key}.max_new_tokens", self.max_new_tokens)
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:
                 _positive(f"{key}.{name}", getattr(self, name))
         if self.source == "knowledge":
+            self.knowledge = _knowledge(f"{key}.knowledge", self.knowledge)  # recorded as used
             self.knowledge.check(f"{key}.knowledge")
+        elif self.knowledge is not None:
+            raise ConfigError(f"{key}.knowledge applies to source=knowledge only (this task: {self.source})")
         _nonempty(f"{key}.path", self.path)
         for name in ("train_split", "test_split"):
             _nonempty(f"{key}.{name}", getattr(self, name))
         for name in ("prompt", "demonstration", "answer", "context"):
             _nonempty(f"{key}.columns.{name}", getattr(self.columns, name))
         if self.teacher_template is not None:
-            from sdft_cli.tasks import teacher_template
-
             teacher_template(self.teacher_template, f"{key}.teacher_template")
+
+
+def _knowledge(key: str, value: Any) -> KnowledgeConfig:
+    """A task's knowledge block as the typed schema (the defaults for None), or one error naming the key."""
+    if isinstance(value, KnowledgeConfig):
+        return value
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping (generator, questions_per_article, ...), got {value!r}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(KnowledgeConfig), value or {})
+        return OmegaConf.to_object(node)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        where = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}.{where}: {msg}" if where else f"{key}: {msg}") from None

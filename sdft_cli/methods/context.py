@@ -1,7 +1,10 @@
-"""What a training method receives, and the resume/checkpoint plumbing every method shares."""
+"""What a training method receives, and the plumbing every method shares: resume, checkpoints, the
+per-step log record.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,16 +12,13 @@ import torch
 
 from sdft_cli import distributed, preempt
 from sdft_cli.artifacts import atomic_write_text
+from sdft_cli.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sdft_cli.config import MethodConfig, RolloutConfig
-from sdft_cli.logger import RunLogger, rewind_jsonl
-from sdft_cli.update import (
-    Teacher,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from sdft_cli.engines import Engines
+from sdft_cli.logger import RunLogger, Timer, TokenMeans, append_jsonl, rewind_jsonl
+from sdft_cli.schedule import TrainState
+from sdft_cli.tasks import Task
+from sdft_cli.teacher import Teacher
 
 
 @dataclass
@@ -35,12 +35,14 @@ class TrainContext:
     stage: int
     train_dir: Path
     logger: RunLogger
+    # The run's engine factory (rollouts; shares a colocated vLLM engine with evaluation).
+    engines: Engines
     progress: bool = True
-    # The model before the first task (row 0) and before this task, as HF directories.
-    base_dir: Path | None = None
-    previous_dir: Path | None = None
+    # The model before the first task (row 0) and before this task: HF directories (or a hub id).
+    base_dir: Path | str | None = None
+    previous_dir: Path | str | None = None
     # Initialise a frozen or EMA teacher from these weights instead of the current student.
-    teacher_init: Path | None = None
+    teacher_init: Path | str | None = None
     # Added to the step of every logged record: a second training phase of the same stage logs after
     # the first (re-invocation after SFT).
     step_offset: int = 0
@@ -49,6 +51,8 @@ class TrainContext:
     device: torch.device | None = None
     # model.trust_remote_code: also for reloading checkpoints and earlier results of a custom-code model
     trust_remote_code: bool = False
+    # sft_reinvoke's general-purpose prompt set (loaded and checked with the run's inputs)
+    prompts: Task | None = None
 
     @property
     def pad_id(self) -> int:
@@ -87,7 +91,7 @@ def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: Tra
     stop = distributed.any_rank(preempt.requested())  # a signal seen by one rank checkpoints them all
     if stop or (every and not state.step % every and state.step < state.total_steps):
         path = ctx.train_dir / "checkpoints" / f"step_{state.step:06d}"
-        save_checkpoint(path, ctx.model, ctx.tokenizer, teacher, opt, sched, state)
+        save_checkpoint(path, ctx.model, ctx.tokenizer, teacher=teacher, opt=opt, sched=sched, state=state)
         if distributed.current().main:
             prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
     if stop:
@@ -96,3 +100,63 @@ def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: Tra
         if distributed.current().enabled and not held:
             # another rank was signalled and leaves; this one has nobody to train with
             raise SystemExit(preempt.PEER_EXIT)
+
+
+def step_record(
+    ctx: TrainContext,
+    task: str,
+    state: TrainState,
+    *,
+    loss: float,
+    tokens: TokenMeans,
+    grad_norm,
+    lr: float,
+    lengths: list[int],
+    timer: Timer,
+    started: float,
+    device: torch.device,
+    truncated: list[bool] | None = None,
+    importance_weights: torch.Tensor | None = None,
+) -> dict:
+    """The step's log record, as every method writes it: totals and token means over all ranks (every
+    rank must call this, in step), phase timers, the completions' lengths (the loss's sequences); for
+    methods that sample them, their throughput, the share cut by the length cap and the importance
+    weights; on CUDA the step's peak memory."""
+    stats = tokens.means()
+    (loss,) = distributed.sum_floats([loss])
+    lengths = sum(distributed.gather(lengths), [])
+    record = {
+        "stage": ctx.stage,
+        "task": task,
+        "step": ctx.step_offset + state.step,
+        "total_steps": state.total_steps,
+        "train/loss": round(loss, 6),
+        **{f"train/{k}": round(v, 6) for k, v in stats.items()},
+        "train/grad_norm": round(distributed.scalar(grad_norm), 6),
+        "train/skipped_steps": len(state.skipped),
+        "train/lr": lr,
+        "train/completion_len_mean": sum(lengths) / len(lengths),
+        "train/completion_len_max": max(lengths),
+        **timer.pop(),
+        "time/step": round(time.perf_counter() - started, 4),
+    }
+    if "time/rollout" in record:  # generation throughput, every rank's completions
+        record["train/tokens_per_s"] = round(sum(lengths) / max(record["time/rollout"], 1e-9), 2)
+    if truncated is not None:
+        truncated = sum(distributed.gather(truncated), [])
+        record["train/truncated_frac"] = sum(truncated) / len(truncated)
+    if importance_weights is not None:
+        w = torch.cat(distributed.gather(importance_weights))
+        record.update({"train/is_min": float(w.min()), "train/is_mean": float(w.mean())})
+        record["train/is_max"] = float(w.max())
+    if device.type == "cuda":  # the step's peak, then reset for the next
+        record["mem/peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats(device)
+    return record
+
+
+def log_samples(ctx: TrainContext, step: int, rows: list[int], texts: list[str]) -> None:
+    """The first ``method.log_samples`` completions of the step, for reading (rank 0 writes)."""
+    if distributed.current().main:
+        for row, text in list(zip(rows, texts, strict=True))[: ctx.method.log_samples]:
+            append_jsonl(ctx.samples_log, {"step": step, "row": row, "completion": text})

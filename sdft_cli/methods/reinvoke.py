@@ -15,11 +15,13 @@ from pathlib import Path
 
 from sdft_cli import distributed
 from sdft_cli.artifacts import verified
+from sdft_cli.checkpoint import latest_checkpoint
 from sdft_cli.config import SDFTConfig, SFTConfig, SFTReinvokeConfig
 from sdft_cli.methods import sdft, sft
 from sdft_cli.methods.context import TrainContext
-from sdft_cli.tasks import Task, load_prompts
-from sdft_cli.update import latest_checkpoint, steps_per_task
+from sdft_cli.models import load_model
+from sdft_cli.schedule import steps_per_task
+from sdft_cli.tasks import Task
 
 
 def phase_configs(cfg: SFTReinvokeConfig, n_prompts: int) -> tuple[SFTConfig, SDFTConfig]:
@@ -44,7 +46,9 @@ def phase_configs(cfg: SFTReinvokeConfig, n_prompts: int) -> tuple[SFTConfig, SD
 
 def train_task(ctx: TrainContext, task: Task) -> Path:
     cfg: SFTReinvokeConfig = ctx.method  # type: ignore[assignment]
-    prompts = load_prompts("method.reinvoke.prompts", cfg.reinvoke.prompts)
+    prompts = ctx.prompts  # method.reinvoke.prompts, loaded and checked with the run's inputs
+    if prompts is None:
+        raise ValueError("sft_reinvoke trains with the context's prompt set (tasks.load_inputs)")
     sft_cfg, distill_cfg = phase_configs(cfg, len(prompts.train))
 
     # ---------------------------------------------------------------- phase 1: SFT on the task
@@ -60,8 +64,6 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             model = _reload(ctx, sft_dir / "model")
     elif latest_checkpoint(ctx.train_dir / "checkpoints") is None:
         # resumed between the phases: the in-memory student is the previous task's, load the SFT result
-        from sdft_cli.models import load_model
-
         ctx.model.load_state_dict(
             load_model(sft_dir / "model", trust_remote_code=ctx.trust_remote_code).state_dict()
         )
@@ -82,8 +84,6 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
 
 def _reload(ctx: TrainContext, path: Path):
     """The student as saved at ``path``, on the CPU, ready to be sharded again."""
-    from sdft_cli.models import load_model
-
     dtype = str(next(ctx.model.parameters()).dtype).removeprefix("torch.")
     model = load_model(path, dtype, trust_remote_code=ctx.trust_remote_code)
     if ctx.method.gradient_checkpointing:

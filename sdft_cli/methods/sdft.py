@@ -2,6 +2,11 @@
 scores them with the demonstration-conditioned teacher, and distils the teacher's per-token
 distributions into the student. With ``generate_from=teacher`` the same loop is offline distillation.
 Reads top to bottom; `sft.py` is a copy-modify of this file.
+
+One step, in the files it touches: the engine samples (``engines/``), both models run their forward
+pass over the same completion tokens (``forward.py``), the fused loss forms logits chunk by chunk and
+applies the per-token divergence (``loss.py``, ``divergence.py``), then AdamW steps and the EMA
+teacher follows (``teacher.py``).
 """
 
 from __future__ import annotations
@@ -14,26 +19,21 @@ import torch
 from tqdm.auto import tqdm
 
 from sdft_cli import distributed
-from sdft_cli.chunked import distill_terms, fused_loss, sampled_logprobs
+from sdft_cli.checkpoint import save_final
 from sdft_cli.config import SDFTConfig
-from sdft_cli.decode import Decoder
-from sdft_cli.divergence import k3
+from sdft_cli.divergence import distillation, k3
+from sdft_cli.forward import completion_hidden, output_head
 from sdft_cli.guard import check_step
-from sdft_cli.logger import Timer, TokenMeans, append_jsonl
-from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
-from sdft_cli.models import autocast, autocast_dtype, inference_dtype
-from sdft_cli.objective import importance_weights, loss_mask, token_weights
-from sdft_cli.rollout import ROLLOUT_BACKENDS, Sampling, rollout_copy, sync_weights
-from sdft_cli.score import completion_hidden, output_head
-from sdft_cli.tasks import Task, encode_messages, resolve_teacher_template
-from sdft_cli.update import (
-    Teacher,
-    batch_indices,
-    build_optimizer,
-    save_final,
-    step_seed,
-    steps_per_task,
-)
+from sdft_cli.logger import Timer, TokenMeans
+from sdft_cli.loss import fused_loss, importance_weights, loss_mask, sampled_logprobs, token_weights
+from sdft_cli.methods.context import TrainContext, log_samples, maybe_checkpoint, resume, step_record
+from sdft_cli.names import resolve_teacher_template
+from sdft_cli.precision import autocast, autocast_dtype
+from sdft_cli.prompts import encode_messages
+from sdft_cli.rollout import Sampling
+from sdft_cli.schedule import batch_indices, build_optimizer, step_seed, steps_per_task
+from sdft_cli.tasks import Task
+from sdft_cli.teacher import Teacher
 
 
 def use_importance_sampling(cfg: SDFTConfig, backend: str, temperature: float) -> bool:
@@ -47,7 +47,6 @@ def use_importance_sampling(cfg: SDFTConfig, backend: str, temperature: float) -
 def train_task(ctx: TrainContext, task: Task) -> Path:
     cfg: SDFTConfig = ctx.method  # type: ignore[assignment]
     student, tok = ctx.model, ctx.tokenizer
-    spec = cfg.spec()
     timer = Timer()
 
     # ---------------------------------------------------------------- contexts, tokenised once
@@ -63,9 +62,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         batch_size=ctx.rollout.batch_size,
         logprobs=tis,
         min_new_tokens=ctx.rollout.min_new_tokens,
-        decoder=ctx.rollout.decoder,
     )
-    generate = ROLLOUT_BACKENDS[ctx.rollout.backend]
     on_policy = cfg.generate_from == "student"
     sample_ctx = student_ctx if on_policy else teacher_ctx
 
@@ -79,20 +76,19 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         teacher.load_weights(ctx.teacher_init, ctx.trust_remote_code)
     sampler = student if on_policy else teacher.model
     device = ctx.device or next(student.parameters()).device
-    if ctx.rollout.backend == "vllm":
-        from sdft_cli.vllm_engine import rollout_engine
-
-        engine = rollout_engine(ctx, sampler, inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype))
-    else:  # copied before sharding: each rank decodes with whole weights
-        dtype = inference_dtype(ctx.rollout.dtype, ctx.autocast_dtype)
-        engine = rollout_copy(sampler, dtype, always=dist.enabled, decoder=ctx.rollout.decoder)
-        engine = engine if isinstance(engine, Decoder) else engine.to(device)
+    engine = ctx.engines.for_training(  # before sharding: each rank decodes with whole weights
+        sampler,
+        device=device,
+        work_dir=ctx.train_dir,
+        source_dir=ctx.previous_dir or ctx.base_dir,
+        whole_copy=dist.enabled,
+    )
     if dist.enabled:
         distributed.shard(student, device)
         teacher.shard(device)
     opt, sched = build_optimizer(student, cfg.optim, total)
     state = resume(ctx, teacher, opt, sched, total)
-    terms = distill_terms(spec)
+    objective = distillation(cfg.spec())
     auto = cfg.teacher_precision == "auto"
     score_amp = ctx.autocast_dtype if auto else autocast_dtype(cfg.teacher_precision, device)
 
@@ -107,12 +103,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         # ------------------------------------------------------------ rollout: the student samples
         torch.manual_seed(step_seed(ctx.seed, ctx.stage, state.step, dist.rank))
         with timer("rollout"):
-            sync_weights(engine, sampler)
-            ro = generate(
-                engine, tok, [sample_ctx[i] for i in idx], sampling, ctx.eos_ids, ctx.autocast_dtype
-            )
-            if isinstance(engine, Decoder):
-                engine.release()  # rebuilt by the next sync; not resident during scoring and the update
+            engine.push(sampler)
+            ro = engine.generate([sample_ctx[i] for i in idx], sampling)
+            engine.release()  # the engine's memory goes back to the trainer until the next push
         lmask = loss_mask(ro.completion_mask, cfg.skip_first_tokens)
         # normalised over the whole batch (every rank's tokens): gradients are summed over ranks
         normalizer = (
@@ -131,12 +124,14 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             sel = cmask.bool().to(device)
             targets = comp.to(device)[sel]
             seq_ids = torch.arange(len(mb), device=device).unsqueeze(-1).expand(sel.shape)[sel]
+            # the teacher reads the demonstration-conditioned context; its logits are formed in the loss
             with timer("score"), torch.no_grad():
                 t_ctx = [teacher_ctx[idx[j]] for j in mb]
                 h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, score_amp)[sel]
                 head_t, _ = output_head(teacher.model)  # after the forward: a sharded root is gathered
                 if ctx.autocast_dtype is None:  # scored in bf16, read by the fp32 loss
                     h_t = h_t.to(head_t.weight.dtype)
+            # the student reads the prompt alone
             with timer("update"):
                 s_ctx = [student_ctx[idx[j]] for j in mb]
                 h_s = completion_hidden(student, s_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
@@ -156,17 +151,17 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                     out = fused_loss(
                         h_s,
                         head_s,
-                        head_params,
-                        h_t,
-                        head_t,
-                        targets,
-                        weights[sel],
-                        terms,
-                        cfg.loss_chunk_size,
-                        seq_ids,
-                        rb=spec.estimator == "rb",
+                        params=head_params,
+                        objective=objective,
+                        targets=targets,
+                        weights=weights[sel],
+                        teacher=h_t,
+                        teacher_head=head_t,
+                        seq_ids=seq_ids,
+                        chunk_size=cfg.loss_chunk_size,
                     )
                 out.loss.backward()
+            timer.move(out.teacher_seconds, "update", "score")  # the teacher's logits are teacher work
             if teacher.model is not student:
                 distributed.reshard(teacher.model)
             with torch.no_grad():
@@ -188,7 +183,15 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             lr = sched.get_last_lr()[0]
             where = {"stage": ctx.stage, "task": task.name, "step": ctx.step_offset + state.step + 1}
-            apply = check_step(cfg.optim, state, step_loss, grad_norm, where, bad_rows or batch, ctx.logger)
+            apply = check_step(
+                cfg.optim,
+                state,
+                loss=step_loss,
+                grad_norm=grad_norm,
+                where=where,
+                rows=bad_rows or batch,
+                logger=ctx.logger,
+            )
             if apply:  # a skipped step leaves the weights, optimizer and teacher as they were
                 opt.step()
             sched.step()
@@ -197,41 +200,28 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 teacher.update(student)
         state.step += 1
 
-        stats = tokens.means()
-        (step_loss,) = distributed.sum_floats([step_loss])
-        lengths = sum(distributed.gather(ro.lengths), [])
-        truncated = sum(distributed.gather(ro.truncated), [])
-        record = {
-            "stage": ctx.stage,
-            "task": task.name,
-            "step": ctx.step_offset + state.step,
-            "total_steps": total,
-            "train/loss": round(step_loss, 6),
-            **{f"train/{k}": round(v, 6) for k, v in stats.items()},
-            "train/grad_norm": round(distributed.scalar(grad_norm), 6),
-            "train/skipped_steps": len(state.skipped),
-            "train/lr": lr,
-            "train/completion_len_mean": sum(lengths) / len(lengths),
-            "train/completion_len_max": max(lengths),
-            "train/truncated_frac": sum(truncated) / len(truncated),
-            **timer.pop(),
-            "time/step": round(time.perf_counter() - t_step, 4),
-        }
-        if is_w:
-            w = torch.cat(distributed.gather(torch.cat(is_w)))
-            record.update({"train/is_min": float(w.min()), "train/is_mean": float(w.mean())})
-            record["train/is_max"] = float(w.max())
-        record["train/tokens_per_s"] = round(sum(lengths) / max(record.get("time/rollout", 1e-9), 1e-9), 2)
-        if device.type == "cuda":  # the step's peak, then reset for the next
-            record["mem/peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            torch.cuda.reset_peak_memory_stats(device)
+        # ------------------------------------------------------------ log, checkpoint
+        record = step_record(
+            ctx,
+            task.name,
+            state,
+            loss=step_loss,
+            tokens=tokens,
+            grad_norm=grad_norm,
+            lr=lr,
+            lengths=ro.lengths,
+            timer=timer,
+            started=t_step,
+            truncated=ro.truncated,
+            importance_weights=torch.cat(is_w) if is_w else None,
+            device=device,
+        )
         ctx.logger.log(record)
-        for i in range(min(cfg.log_samples, len(idx)) if dist.main else 0):
-            append_jsonl(ctx.samples_log, {"step": state.step, "row": idx[i], "completion": ro.texts[i]})
+        log_samples(ctx, state.step, idx, ro.texts)
         bar.update(1)
         bar.set_postfix(
-            loss=f"{step_loss:.3f}",
-            div=f"{stats['divergence']:.3f}",
+            loss=f"{record['train/loss']:.3f}",
+            div=f"{record['train/divergence']:.3f}",
             len=f"{record['train/completion_len_mean']:.0f}",
         )
         maybe_checkpoint(ctx, teacher, opt, sched, state)

@@ -13,16 +13,19 @@ import torch
 from tqdm.auto import tqdm
 
 from sdft_cli import distributed
-from sdft_cli.chunked import fused_loss, nll_terms
+from sdft_cli.checkpoint import save_final
 from sdft_cli.config import SFTConfig
+from sdft_cli.divergence import nll
+from sdft_cli.forward import completion_hidden, output_head
 from sdft_cli.guard import check_step
 from sdft_cli.logger import Timer, TokenMeans
-from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume
-from sdft_cli.models import autocast
-from sdft_cli.objective import token_weights
-from sdft_cli.score import completion_hidden, output_head
-from sdft_cli.tasks import Task, encode_messages, encode_target
-from sdft_cli.update import Teacher, batch_indices, build_optimizer, save_final, steps_per_task
+from sdft_cli.loss import fused_loss, token_weights
+from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume, step_record
+from sdft_cli.precision import autocast
+from sdft_cli.prompts import encode_messages, encode_target
+from sdft_cli.schedule import batch_indices, build_optimizer, steps_per_task
+from sdft_cli.tasks import Task
+from sdft_cli.teacher import Teacher
 
 
 def train_task(ctx: TrainContext, task: Task) -> Path:
@@ -43,7 +46,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     opt, sched = build_optimizer(student, cfg.optim, total)
     no_teacher = Teacher("live", student, 1.0)  # SFT has no teacher; checkpoints hold none
     state = resume(ctx, no_teacher, opt, sched, total)
-    terms = nll_terms(cfg.token_weighting)
+    objective = nll(cfg.token_weighting)
 
     bar = tqdm(
         total=total, initial=state.step, desc=f"{cfg.name} {task.name}", disable=not ctx.progress, leave=False
@@ -83,13 +86,11 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                     out = fused_loss(
                         h,
                         head,
-                        head_params,
-                        None,
-                        None,
-                        c.to(device)[sel],
-                        weights,
-                        terms,
-                        cfg.loss_chunk_size,
+                        params=head_params,
+                        objective=objective,
+                        targets=c.to(device)[sel],
+                        weights=weights,
+                        chunk_size=cfg.loss_chunk_size,
                     )
                 out.loss.backward()
             with torch.no_grad():
@@ -106,33 +107,37 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             lr = sched.get_last_lr()[0]
             where = {"stage": ctx.stage, "task": task.name, "step": ctx.step_offset + state.step + 1}
-            if check_step(cfg.optim, state, step_loss, grad_norm, where, bad_rows or batch, ctx.logger):
+            if check_step(
+                cfg.optim,
+                state,
+                loss=step_loss,
+                grad_norm=grad_norm,
+                where=where,
+                rows=bad_rows or batch,
+                logger=ctx.logger,
+            ):
                 opt.step()  # a skipped step leaves the weights and optimizer as they were
             sched.step()
             opt.zero_grad(set_to_none=True)
         state.step += 1
 
-        stats = tokens.means()
-        (step_loss,) = distributed.sum_floats([step_loss])
-        lengths = sum(distributed.gather(cmask_all.sum(-1).tolist()), [])
-        record = {
-            "stage": ctx.stage,
-            "task": task.name,
-            "step": ctx.step_offset + state.step,
-            "total_steps": total,
-            "train/loss": round(step_loss, 6),
-            **{f"train/{k}": round(v, 6) for k, v in stats.items()},
-            "train/grad_norm": round(distributed.scalar(grad_norm), 6),
-            "train/skipped_steps": len(state.skipped),
-            "train/lr": lr,
-            "train/completion_len_mean": sum(lengths) / len(lengths),
-            "train/completion_len_max": max(lengths),
-            **timer.pop(),
-            "time/step": round(time.perf_counter() - t_step, 4),
-        }
+        # ------------------------------------------------------------ log, checkpoint
+        record = step_record(
+            ctx,
+            task.name,
+            state,
+            loss=step_loss,
+            tokens=tokens,
+            grad_norm=grad_norm,
+            lr=lr,
+            lengths=cmask_all.sum(-1).tolist(),
+            timer=timer,
+            started=t_step,
+            device=device,
+        )
         ctx.logger.log(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}")
         maybe_checkpoint(ctx, no_teacher, opt, sched, state)
     bar.close()
     info = {"method": cfg.name, "task": task.name, "steps": total, "skipped_steps": state.skipped}

@@ -23,10 +23,10 @@ import torch
 from filelock import FileLock
 
 from sdft_cli.artifacts import atomic_dir
+from sdft_cli.builders import llama_config
 from sdft_cli.config import ToyWorldConfig
 from sdft_cli.errors import ConfigError
-from sdft_cli.models import llama_config
-from sdft_cli.tasks import encode_messages, encode_target, student_messages, teacher_messages
+from sdft_cli.prompts import encode_messages, encode_target, student_messages, teacher_messages
 from sdft_cli.toy import world
 
 # Bumped when the world or the pretraining recipe changes, so cached models are rebuilt.

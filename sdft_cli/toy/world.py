@@ -17,7 +17,7 @@ import random
 import zlib
 from collections.abc import Callable
 
-from sdft_cli.tasks import TEACHER_TEMPLATES
+from sdft_cli.names import TEACHER_TEMPLATES
 
 # The teacher template the base model learns in pretraining.
 TEMPLATE = TEACHER_TEMPLATES["toy"]

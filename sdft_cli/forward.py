@@ -1,8 +1,8 @@
-"""Scoring completions under a context: the teacher's (and the student's) view of the student's tokens.
+"""Forward passes over ``context ; completion``: the teacher's and the student's view of the same tokens.
 
 The input is ``[left-padded context ; right-padded completion]``. Training takes the final hidden
 states at the positions that predict completion tokens (``completion_hidden``) and applies the output
-head chunk by chunk inside the loss (``chunked.fused_loss``), so no ``[tokens, vocab]`` logits are held
+head chunk by chunk inside the loss (``loss.fused_loss``), so no ``[tokens, vocab]`` logits are held
 for a whole batch; ``completion_logits`` (logits at those positions only) serves evaluation and tests.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from sdft_cli.chunked import LinearHead
-from sdft_cli.models import autocast
+from sdft_cli.distributed import unshard
+from sdft_cli.loss import LinearHead
+from sdft_cli.precision import autocast
 from sdft_cli.rollout import left_pad
 
 
@@ -76,8 +77,6 @@ def output_head(model) -> tuple[LinearHead, list[torch.nn.Parameter]]:
     """The model's hidden-to-logits map (incl. logit scaling/soft-capping where a family has it) and its
     trainable tensors (the embedding matrix when it is tied). A sharded model's head is gathered first;
     take it anew after each forward, as sharding swaps the tensors."""
-    from sdft_cli.distributed import unshard
-
     unshard(model)
     lm_head = model.get_output_embeddings()
     cfg = getattr(model.config, "text_config", None) or model.config

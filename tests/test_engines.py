@@ -1,4 +1,5 @@
-"""The lean decoder (sdft_cli.decode) against transformers ``generate`` and brute-force distributions."""
+"""The rollout engines: the lean decoder (engines/decode.py) against transformers ``generate`` and
+brute-force distributions, the engines' push/generate/release, and the factory's choice of engine."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 import pytest
 import torch
 
-from sdft_cli.decode import Decoder, decoder_for, sample, supported
-from sdft_cli.rollout import Sampling, generate_hf, inference_copy, rollout_copy, sync_weights
+from sdft_cli.config import RolloutConfig
+from sdft_cli.engines import DecoderEngine, Engines, HFEngine
+from sdft_cli.engines.decode import decoder_for, sample, supported
+from sdft_cli.engines.hf import copy_weights, inference_copy
+from sdft_cli.rollout import Sampling
 
 
 def _prompts(n_rows=(5, 9, 13, 14), vocab=200, seed=0) -> list[list[int]]:
@@ -47,9 +51,18 @@ class _Tok:
         return [" ".join(map(str, s.tolist())) for s in seqs]
 
 
+def _engine(model, tok, decoder, eos=(1,)):
+    """``decoder``: generate / auto (HFEngine on the model in place) or owned (a DecoderEngine's copy)."""
+    if decoder == "owned":
+        engine = DecoderEngine(torch.float32, tok, list(eos))
+        engine.push(model)
+        return engine
+    return HFEngine(model, tok, list(eos), decoder=decoder)
+
+
 def _greedy(model, tok, prompts, decoder, n=12, eos=(1,)):
-    s = Sampling(max_new_tokens=n, temperature=0, logprobs=True, decoder=decoder)
-    return generate_hf(model, tok, prompts, s, list(eos))
+    engine = model if isinstance(model, (HFEngine, DecoderEngine)) else _engine(model, tok, decoder, eos)
+    return engine.generate(prompts, Sampling(max_new_tokens=n, temperature=0, logprobs=True))
 
 
 def _assert_same(a, b, atol=2e-5):
@@ -64,8 +77,7 @@ def test_greedy_decoding_equals_generate_for_the_tiny_llama(tiny_model):
     eos = [tok.eos_token_id]
     ref = _greedy(model, tok, _prompts(), "generate", eos=eos)
     _assert_same(_greedy(model, tok, _prompts(), "auto", eos=eos), ref)  # bound to the trainable model
-    own = Decoder.detached(model, torch.float32)  # its own fused, oneDNN-packed copy
-    _assert_same(_greedy(own, tok, _prompts(), "auto", eos=eos), ref)
+    _assert_same(_greedy(model, tok, _prompts(), "owned", eos=eos), ref)  # its own fused, packed copy
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
@@ -74,7 +86,7 @@ def test_greedy_decoding_equals_generate_for_qwen_architectures(kind):
     tok = _Tok()
     prompts = _prompts(vocab=211)
     ref = _greedy(model, tok, prompts, "generate", n=10)
-    _assert_same(_greedy(Decoder.detached(model, torch.float32), tok, prompts, "auto", n=10), ref)
+    _assert_same(_greedy(model, tok, prompts, "owned", n=10), ref)
     frozen = inference_copy(model, torch.float32, always=True)  # frozen: q/k/v and gate/up fused in place
     _assert_same(_greedy(frozen, tok, prompts, "auto", n=10), ref)
     assert decoder_for(frozen).layers[0].qkv_bias is not None or kind == "qwen3"
@@ -82,7 +94,7 @@ def test_greedy_decoding_equals_generate_for_qwen_architectures(kind):
 
 def test_a_left_padded_batch_decodes_as_each_prompt_alone(tiny_model):
     model, tok = tiny_model
-    own = Decoder.detached(model, torch.float32)
+    own = _engine(model, tok, "owned", eos=[tok.eos_token_id])
     prompts = _prompts((3, 11, 7))
     batch = _greedy(own, tok, prompts, "auto", eos=[tok.eos_token_id])
     for i, p in enumerate(prompts):
@@ -104,39 +116,64 @@ def test_fused_views_keep_the_model_working_and_syncs_write_through(tiny_model):
         for p in trained.parameters():
             p.add_(0.05 * torch.randn_like(p))
     trained.requires_grad_(True)
-    sync_weights(copy_, trained)  # a plain parameter copy, into the views
+    copy_weights(copy_, trained)  # a plain parameter copy, into the views
     assert decoder_for(copy_) is dec  # still bound to the same buffers
     ref = _greedy(trained, tok, _prompts(), "generate", eos=[tok.eos_token_id])
     _assert_same(_greedy(copy_, tok, _prompts(), "auto", eos=[tok.eos_token_id]), ref)
 
 
-def test_an_owned_copy_follows_the_student_through_push(tiny_model):
+def test_an_owned_copy_follows_the_student_through_push_and_is_dropped_by_release(tiny_model, tmp_path):
     model, tok = tiny_model
     student = inference_copy(model, torch.float32, always=True).requires_grad_(True)
-    engine = rollout_copy(student, torch.float32, always=True)
-    assert isinstance(engine, Decoder)
-    old = _greedy(engine, tok, _prompts(), "auto", eos=[tok.eos_token_id])
+    engines = Engines(RolloutConfig(), tokenizer=tok, eos_ids=[tok.eos_token_id], autocast_dtype=None, seed=0)
+    engine = engines.for_training(
+        student, device=torch.device("cpu"), work_dir=tmp_path, source_dir=None, whole_copy=True
+    )
+    assert isinstance(engine, DecoderEngine)
+    with pytest.raises(RuntimeError, match="push"):
+        _greedy(engine, tok, _prompts(), "owned")
+    engine.push(student)
+    old = _greedy(engine, tok, _prompts(), "owned")
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    stale = _greedy(engine, tok, _prompts(), "auto", eos=[tok.eos_token_id])
+    stale = _greedy(engine, tok, _prompts(), "owned")
     _assert_same(stale, old)
-    sync_weights(engine, student)
+    engine.release()  # the copy is gone until the next push
+    assert engine.decoder.layers == [] and engine.decoder.head is None
+    engine.push(student)
     ref = _greedy(student, tok, _prompts(), "generate", eos=[tok.eos_token_id])
-    _assert_same(_greedy(engine, tok, _prompts(), "auto", eos=[tok.eos_token_id]), ref)
+    _assert_same(_greedy(engine, tok, _prompts(), "owned"), ref)
     assert not torch.equal(ref.completion_ids, old.completion_ids)
+
+
+def test_the_factory_picks_the_engine_the_settings_ask_for(tiny_model, tmp_path):
+    """In place for an fp32 student (no copy), a packed copy for another dtype or for every rank of a
+    distributed run, an inference copy with transformers generate for rollout.decoder=generate."""
+    model, tok = tiny_model
+    cpu = torch.device("cpu")
+
+    def build(**rollout):
+        engines = Engines(RolloutConfig(**rollout), tokenizer=tok, eos_ids=[1], autocast_dtype=None, seed=0)
+        return engines.for_training(model, device=cpu, work_dir=tmp_path, source_dir=None)
+
+    in_place = build(dtype="float32")
+    assert isinstance(in_place, HFEngine) and in_place.model is model
+    assert isinstance(build(dtype="bfloat16"), DecoderEngine)
+    copy_ = build(dtype="bfloat16", decoder="generate")
+    assert isinstance(copy_, HFEngine) and copy_.model is not model and copy_.decoder == "generate"
+    assert next(copy_.model.parameters()).dtype == torch.bfloat16
 
 
 def test_min_new_tokens_suppresses_eos_and_eos_ends_a_row(tiny_model):
     model, tok = tiny_model
-    own = Decoder.detached(model, torch.float32)
     prompts = _prompts()
-    free = _greedy(own, tok, prompts, "auto", n=8, eos=[tok.eos_token_id])
+    free = _greedy(model, tok, prompts, "owned", n=8, eos=[tok.eos_token_id])
     first = int(free.completion_ids[0, 0])  # make the first greedy token an EOS
-    ended = _greedy(own, tok, prompts, "auto", n=8, eos=[first])
+    ended = _greedy(model, tok, prompts, "owned", n=8, eos=[first])
     assert ended.lengths[0] == 1
-    s = Sampling(max_new_tokens=8, min_new_tokens=8, temperature=0, decoder="auto")
-    forced = generate_hf(own, tok, prompts, s, [first])
+    s = Sampling(max_new_tokens=8, min_new_tokens=8, temperature=0)
+    forced = _engine(model, tok, "owned", eos=[first]).generate(prompts, s)
     assert forced.lengths == [8] * len(prompts)
     assert first not in forced.completion_ids[0].tolist()
 
@@ -184,15 +221,21 @@ def test_other_architectures_fall_back_to_generate():
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     assert not supported(model) and decoder_for(model) is None
-    assert not isinstance(rollout_copy(model, torch.bfloat16), Decoder)
+    engines = Engines(
+        RolloutConfig(dtype="bfloat16"), tokenizer=_Tok(), eos_ids=[1], autocast_dtype=None, seed=0
+    )
+    engine = engines.for_training(model, device=torch.device("cpu"), work_dir=None, source_dir=None)
+    assert isinstance(engine, HFEngine) and engine.model is not model  # a bf16 copy, decoded by generate
+    out = engine.generate(_prompts(vocab=50), Sampling(max_new_tokens=3, temperature=0))
+    assert out.completion_ids.shape == (4, 3)
 
 
 def test_bound_decoding_runs_under_bf16_autocast(tiny_model):
     model, tok = tiny_model
     prompts = _prompts()
-    s = Sampling(max_new_tokens=6, temperature=0, logprobs=True, decoder="auto")
-    fp32 = generate_hf(model, tok, prompts, s, [tok.eos_token_id])
-    amp = generate_hf(model, tok, prompts, s, [tok.eos_token_id], autocast_dtype=torch.bfloat16)
+    s = Sampling(max_new_tokens=6, temperature=0, logprobs=True)
+    fp32 = HFEngine(model, tok, [tok.eos_token_id]).generate(prompts, s)
+    amp = HFEngine(model, tok, [tok.eos_token_id], autocast_dtype=torch.bfloat16).generate(prompts, s)
     assert amp.completion_ids.shape[0] == len(prompts) and torch.isfinite(amp.logprobs).all()
     first = amp.completion_ids[:, 0] == fp32.completion_ids[:, 0]  # bf16 rounding: close, not equal
     assert torch.allclose(amp.logprobs[first, 0], fp32.logprobs[first, 0], atol=0.1)

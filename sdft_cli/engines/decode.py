@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdft_cli.distributed import full
+from sdft_cli.rollout import Sampling
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -154,8 +157,6 @@ class Decoder:
     @torch.no_grad()
     def push(self, model) -> None:
         """Refresh an owned copy from ``model`` (whole tensors gathered one at a time when sharded)."""
-        from sdft_cli.distributed import full
-
         if self.owned_dtype is None:
             raise TypeError("push() refreshes a detached decoder; a bound one reads its model in place")
         dtype = self.owned_dtype
@@ -273,17 +274,20 @@ class Decoder:
         self,
         ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        max_new_tokens: int,
+        sampling: Sampling,
         eos_ids: list[int],
         pad_id: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_new_tokens: int = 0,
-        logprobs: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode from left-padded ``ids``; returns the new tokens ``[B, steps]`` (``pad_id`` after a
-        row's EOS) and, when asked, each token's log-probability at temperature ``temperature``."""
+        row's EOS) and, with ``sampling.logprobs``, each token's log-probability at the sampling
+        temperature."""
+        max_new_tokens, min_new_tokens = sampling.max_new_tokens, sampling.min_new_tokens
+        temperature, top_p, top_k, logprobs = (
+            sampling.temperature,
+            sampling.top_p,
+            sampling.top_k,
+            sampling.logprobs,
+        )
         B, P = ids.shape
         device = ids.device
         if self.owned_dtype is not None:

@@ -6,6 +6,7 @@ and the Rao-Blackwellised estimator's cross-token term.
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
 
 import pytest
@@ -25,8 +26,16 @@ from divergence_refs import (  # noqa: F401  (_one_thread: autouse fixture)
     rows_of,
 )
 
-from sdft_cli.chunked import LinearHead, distill_terms, fused_loss, nll_terms, rb_coefficients
-from sdft_cli.divergence import DivergenceSpec
+from sdft_cli.config import DivergenceSpec
+from sdft_cli.divergence import TokenLoss, distillation, nll
+from sdft_cli.loss import (
+    LinearHead,
+    fused_loss,
+    importance_weights,
+    loss_mask,
+    rb_coefficients,
+    token_weights,
+)
 
 # ----------------------------------------------------------------------------------------------
 # fused_loss vs brute force: value, stats, gradients wrt h and W
@@ -87,20 +96,20 @@ def _check_fused(
     for chunk, kind in itertools.product(chunks, ("linear", "callable")):
         hc = h.clone().requires_grad_(True)
         wc = w_head.clone().requires_grad_(True)
-        term_fn = spec_or_fn if callable(spec_or_fn) else distill_terms(spec_or_fn)
+        objective = spec_or_fn if isinstance(spec_or_fn, TokenLoss) else distillation(spec_or_fn)
+        assert objective.rb == rb
         head = LinearHead(wc) if kind == "linear" else (lambda x, wc=wc: x @ wc.T)
         out = fused_loss(
             hc,
             head,
-            [wc],
-            teacher if teacher_in is None else teacher_in,
-            teacher_head,
-            targets,
-            weights,
-            term_fn,
-            chunk,
+            params=[wc],
+            objective=objective,
+            targets=targets,
+            weights=weights,
+            teacher=teacher if teacher_in is None else teacher_in,
+            teacher_head=teacher_head,
             seq_ids=seq_ids,
-            rb=rb,
+            chunk_size=chunk,
         )
         assert_close(out.loss, ref_total, msg=f"loss differs at chunk_size={chunk}")
         if refs is not None:
@@ -187,15 +196,13 @@ def test_rb_value_only(tau):
         out = fused_loss(
             h,
             lambda x: x @ w_head.T,
-            [],
-            teacher,
-            None,
-            targets,
-            weights,
-            distill_terms(spec),
-            chunk,
+            params=[],
+            objective=distillation(spec),
+            targets=targets,
+            weights=weights,
+            teacher=teacher,
             seq_ids=RB_SEQ,
-            rb=True,
+            chunk_size=chunk,
         )
         assert_close(out.loss, total, msg=f"chunk={chunk}")
 
@@ -234,7 +241,7 @@ def test_nll_fused_vs_brute_force(weighting):
         p = ref_softmax(row, 1.0)
         lp = torch.log(p[yy])
         total = total + ww * (-lp if weighting == "none" else -p[yy].detach() * lp)
-    _check_fused(nll_terms(weighting), h, w_head, None, targets, weights, (total, None, (h_ref, w_ref)))
+    _check_fused(nll(weighting), h, w_head, None, targets, weights, (total, None, (h_ref, w_ref)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +267,91 @@ def test_linear_head_with_softcapping_and_bias_equals_the_callable_path():
     for kind in ("linear", "callable"):
         hc, wc, bc = (x.clone().requires_grad_(True) for x in (h, w, b))
         head = LinearHead(wc, bc, cap) if kind == "linear" else (lambda x, wc=wc, bc=bc: cap(x @ wc.T + bc))
-        out = fused_loss(hc, head, [wc, bc], t, None, y, wts, distill_terms(DivergenceSpec("reverse")), 4)
+        out = fused_loss(
+            hc,
+            head,
+            params=[wc, bc],
+            objective=distillation(DivergenceSpec("reverse")),
+            targets=y,
+            weights=wts,
+            teacher=t,
+            chunk_size=4,
+        )
         results.append((out.loss, *torch.autograd.grad(out.loss, [hc, wc, bc])))
     for a, c in zip(*results, strict=True):
         assert_close(a, c, msg="linear head path differs from the callable path")
+
+
+# ----------------------------------------------------------------------------------------------
+# which tokens carry loss, and with what weight
+# ----------------------------------------------------------------------------------------------
+
+
+def aggregate(per, mask, mode, normalizer):
+    """The step-loss share of a micro-batch, as the training loops form it."""
+    return (per * token_weights(mask, mode, normalizer)).sum()
+
+
+def test_loss_mask_skips_first_tokens_and_keeps_padding_out():
+    cmask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    m = loss_mask(cmask, 3)
+    assert m.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]]
+    assert loss_mask(cmask, 0).tolist() == cmask.float().tolist()
+
+
+def test_seq_mean_is_token_mean_per_sequence_then_batch_mean():
+    per = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0], [5.0, 5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    # (1.5 + 30 + 0) / 3 sequences: the empty sequence counts as a sequence with zero loss
+    assert aggregate(per, mask, "seq_mean", 3.0).item() == pytest.approx((1.5 + 30.0 + 0.0) / 3)
+    # (1 + 2 + 20 + 30 + 40) / 5 tokens
+    assert aggregate(per, mask, "token_mean", 5.0).item() == pytest.approx(93.0 / 5)
+
+
+def test_micro_batches_add_up_to_the_full_batch_loss():
+    g = torch.Generator().manual_seed(3)
+    per = torch.rand(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    for mode, norm in (("seq_mean", 6.0), ("token_mean", float(mask.sum()))):
+        full = aggregate(per, mask, mode, norm)
+        parts = sum(aggregate(per[i : i + 2], mask[i : i + 2], mode, norm) for i in range(0, 6, 2))
+        assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_token_weights_seq_mean_by_loop():
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    w = token_weights(mask, "seq_mean", 4.0)  # 4 sequences in the step, 2 in this micro-batch
+    for b in range(2):
+        n = sum(mask[b].tolist())
+        for t in range(4):
+            assert w[b, t].item() == pytest.approx(mask[b, t].item() / n / 4.0)
+
+
+def test_importance_weights_are_capped_sequence_means():
+    lp_train = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]])
+    lp_samp = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    w = importance_weights(lp_train, lp_samp, mask, cap=2.0)
+    want0 = (min(math.exp(0.5), 2.0) + min(math.exp(-1.0), 2.0) + min(math.exp(2.5), 2.0)) / 3
+    assert w.tolist() == pytest.approx([want0, 1.0, 1.0])
+
+
+def test_the_teacher_logits_formed_in_the_loss_are_timed_as_teacher_work():
+    """The fused loss reports the time spent on the teacher's head, which the training loop moves from
+    the update timer to the scoring timer (``Timer.move``)."""
+    from sdft_cli.logger import Timer
+
+    g = torch.Generator().manual_seed(3)
+    h, h_t = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    w, w_t = torch.randn(500, 16, generator=g), torch.randn(500, 16, generator=g)
+    y, wts = torch.randint(0, 500, (64,), generator=g), torch.full((64,), 1 / 64)
+    common = dict(params=[], targets=y, weights=wts, teacher=h_t, teacher_head=LinearHead(w_t))
+    objective = distillation(DivergenceSpec())
+    for chunk in (8, 0):  # chunked and naive
+        out = fused_loss(h, LinearHead(w), objective=objective, chunk_size=chunk, **common)
+        assert out.teacher_seconds > 0
+
+    timer = Timer()
+    timer.totals.update(update=2.0, score=0.5)
+    timer.move(0.75, "update", "score")
+    assert timer.pop() == {"time/update": 1.25, "time/score": 1.25}

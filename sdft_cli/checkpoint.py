@@ -1,4 +1,4 @@
-"""Optimizer, schedule, teacher weights and resumable checkpoints shared by every training method.
+"""Resumable checkpoints and the final model of a training stage, shared by every method.
 
 A checkpoint is a directory: the student in Hugging Face format (``model/``), the teacher's fp32
 weights (``teacher.safetensors``), optimizer, scheduler and RNG state (``trainer_state.pt``) and the
@@ -10,12 +10,9 @@ model with a NaN/inf weight or optimizer value is ever written.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import random
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,120 +29,10 @@ from sdft_cli.artifacts import (
     verify_manifest,
     write_manifest,
 )
-from sdft_cli.config import MethodConfig, OptimConfig
 from sdft_cli.guard import ensure_finite
-
-# ----------------------------------------------------------------------------- schedule and batches
-
-
-def steps_per_task(cfg: MethodConfig, n_train: int) -> int:
-    steps = math.ceil(cfg.epochs * n_train / cfg.prompts_per_step)
-    return max(1, min(steps, cfg.max_steps) if cfg.max_steps else steps)
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int | tuple[int, ...]) -> list[int]:
-    """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch.
-
-    A pure function of its arguments, so a resumed run sees exactly the batches it would have seen.
-    """
-    out: list[int] = []
-    start = step * batch
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        key = list(seed) if isinstance(seed, tuple) else [seed]
-        perm = np.random.default_rng([*key, epoch]).permutation(n)
-        out.extend(int(i) for i in perm[offset : offset + batch - len(out)])
-    return out
-
-
-def step_seed(seed: int, task_index: int, step: int, rank: int = 0) -> int:
-    """The RNG seed for one optimizer step's sampling (stable under resume; its own stream per rank)."""
-    key = [seed, task_index, step] + ([rank] if rank else [])
-    return int(np.random.default_rng(key).integers(2**31 - 1))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    # one fused kernel per tensor (CPU and CUDA): ~4x faster than the per-tensor loop on a CPU; sharded
-    # (DTensor) parameters take torch's default implementation
-    fused = not distributed.current().enabled and all(p.device.type in ("cpu", "cuda") for p in params)
-    opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
-    )
-    name = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}[cfg.schedule]
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
-    return opt, sched
-
-
-# ----------------------------------------------------------------------------- teacher
-
-
-class Teacher:
-    """The teacher's weights: ``ema`` (an fp32 shadow of the student), ``frozen``, or ``live``.
-
-    ``ema`` and ``frozen`` keep their own copy, initialised from the current student at the start of
-    each task (not from the hub base); ``live`` is the student itself. In a distributed run the copy is
-    sharded like the student (``shard``) and the EMA update runs shard by shard.
-    """
-
-    def __init__(self, kind: str, student: torch.nn.Module, alpha: float):
-        self.kind, self.alpha = kind, alpha
-        if kind == "live":
-            self.model = student
-            return
-        self.model = copy.deepcopy(student).float()
-        self.model.requires_grad_(False)
-        self.model.eval()
-
-    def shard(self, device: torch.device) -> None:
-        """Shard an own copy over the process group, as ``distributed.shard`` does the student."""
-        if self.kind != "live":
-            distributed.shard(self.model, device)
-
-    @torch.no_grad()
-    def update(self, student: torch.nn.Module) -> None:
-        """phi <- alpha * theta + (1 - alpha) * phi, after every optimizer step (ema only)."""
-        if self.kind != "ema":
-            return
-        t = [distributed.local(p) for p in self.model.parameters()]
-        s = [distributed.local(p.detach()).to(torch.float32) for p in student.parameters()]
-        torch._foreach_lerp_(t, s, self.alpha)
-
-    def load_weights(self, model_dir: Path, trust_remote_code: bool = False) -> None:
-        """Replace a frozen or EMA teacher's weights by those of the HF directory ``model_dir``."""
-        from sdft_cli.models import load_model
-
-        if self.kind == "live":
-            raise ValueError("a live teacher is the student itself; it has no weights of its own")
-        self.model.load_state_dict(load_model(model_dir, trust_remote_code=trust_remote_code).state_dict())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole teacher on the CPU (every rank takes part; ranks > 0 get ``{}``)."""
-        return {} if self.kind == "live" else distributed.full_state(self.model)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore the teacher; only tied aliases (saved once, under their twin's name) may be absent."""
-        if self.kind == "live":
-            return
-        try:
-            distributed.load_full_state(self.model, state)
-        except RuntimeError as e:
-            raise RuntimeError(f"teacher checkpoint does not match the model: {e}") from None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    total_steps: int = 0
-    # steps skipped for a non-finite loss or gradient (on_nonfinite=skip), and how many in a row
-    skipped: list[int] = field(default_factory=list)
-    skip_streak: int = 0
+from sdft_cli.models import load_model
+from sdft_cli.schedule import TrainState
+from sdft_cli.teacher import Teacher
 
 
 def _rng_state() -> dict:
@@ -185,7 +72,9 @@ def save_model(out: Path, model, tokenizer, state: dict[str, torch.Tensor] | Non
     tokenizer.save_pretrained(out)
 
 
-def save_checkpoint(path: Path, student, tokenizer, teacher: Teacher, opt, sched, state: TrainState) -> Path:
+def save_checkpoint(
+    path: Path, student, tokenizer, *, teacher: Teacher, opt, sched, state: TrainState
+) -> Path:
     """Write a complete checkpoint atomically (the directory appears only when everything is in it).
 
     Every rank calls it (the sharded states are gathered); rank 0 writes. The optimizer state is keyed
@@ -245,8 +134,6 @@ def load_checkpoint(
     a file that cannot be read raises ``CorruptArtifactError`` naming it, before anything is restored.
     """
     from safetensors.torch import load_file
-
-    from sdft_cli.models import load_model
 
     try:
         trainer = torch.load(path / "trainer_state.pt", weights_only=True)
@@ -315,21 +202,3 @@ def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher
     prune_checkpoints(train_dir / "checkpoints", keep=None)
     shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
     return train_dir / "model"
-
-
-__all__ = [
-    "MANIFEST",
-    "Teacher",
-    "TrainState",
-    "batch_indices",
-    "build_optimizer",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "prune_checkpoints",
-    "save_checkpoint",
-    "save_final",
-    "save_model",
-    "save_teacher",
-    "step_seed",
-    "steps_per_task",
-]

