@@ -368,4 +368,8 @@ def evaluate_stage(ctx: EvalContext, out_dir: Path, stage: int, stage_task: str,
             **{f"eval/{p['task']}/pass@{k}": v for p in passk for k, v in p["pass_at_k"].items()},
         }
     )
-    write_manifest(out_dir, {"stage": stage, "stage_task": stage_task})
+    info = {"stage": stage, "stage_task": stage_task}
+    excluded = {n: t.excluded for n, t in ctx.tasks.items() if t.excluded}
+    if excluded:  # exclude_train_overlap: test-pool questions left out as training questions
+        info["test_excluded"] = excluded
+    write_manifest(out_dir, info)

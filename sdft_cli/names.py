@@ -82,7 +82,7 @@ TASK_SOURCES = ("bundled", "json", "csv", "parquet", "hf", "disk", "toy", "knowl
 # row formats (formats.FORMATS).
 ROW_FORMATS = ("columns", "toolalpaca", "sciknoweval", "huatuo")
 # Scorers of one prediction against its reference (scorers.SCORERS).
-SCORERS = ("exact_match", "contains", "answer_tag", "tool_call", "regex")
+SCORERS = ("exact_match", "contains", "answer_tag", "tool_call", "tool_call_strict", "regex")
 # LLM-judged scorers (judge.py): the judge prompt and the mapping from its verdicts to credit.
 JUDGE_SCORERS = {
     "judge_medical": ("medical", "strict"),

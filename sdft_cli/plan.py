@@ -29,6 +29,7 @@ class TaskPlan:
     completions: int  # trained completions: SDFT rollouts, SFT demonstrations
     train_tokens: int  # max tokens per trained completion (rollout.max_new_tokens for SDFT)
     eval_tokens: int  # max tokens per evaluation completion (the task's max_new_tokens)
+    test_excluded: int = 0  # exclude_train_overlap: test-pool questions that are training questions
 
 
 def count_parameters(cfg: Config) -> int | None:
@@ -59,13 +60,16 @@ def plan(cfg: Config, params: float | None = None) -> dict:
     for name, tcfg in cfg.task.items():
         try:
             task = load_task(name, tcfg, train=True, max_test=cfg.eval.max_items)
-            n_train, n_test = len(task.train), len(task.test)
+            n_train, n_test, excluded = len(task.train), len(task.test), task.excluded
             steps = steps_per_task(method, n_train)
         except SdftError:
             n_train = n_test = steps = None
+            excluded = 0
         train_tokens = (cfg.rollout.max_new_tokens if sdft else None) or tcfg.max_new_tokens
         completions = (steps or 0) * method.prompts_per_step
-        tasks.append(TaskPlan(name, n_train, n_test, steps, completions, train_tokens, tcfg.max_new_tokens))
+        tasks.append(
+            TaskPlan(name, n_train, n_test, steps, completions, train_tokens, tcfg.max_new_tokens, excluded)
+        )
     probes = {}
     for name, pcfg in cfg.eval.probes.items():
         try:
@@ -133,6 +137,11 @@ def render(p: dict, tflops: float) -> str:
             f"{t['name']:<14} {fmt(t['n_train']):>6} {fmt(t['n_test']):>6} {fmt(t['steps']):>7} "
             f"{t['completions']:>21} {t['train_tokens']:>12}/{t['eval_tokens']}"
         )
+    for t in p["tasks"]:
+        if t.get("test_excluded"):
+            lines.append(
+                f"  {t['name']}: {t['test_excluded']} test-pool questions left out (training questions)"
+            )
     probes = ", ".join(f"{k} ({'?' if v is None else v})" for k, v in p["probes"].items()) or "none"
     lines += [
         "",

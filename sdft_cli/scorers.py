@@ -1,7 +1,8 @@
 """Scorers: ``score(prediction, answer) -> float in [0, 1]``, picked by name from ``SCORERS``.
 
 ``answer`` is the test row's reference as text. Where a scorer accepts alternatives, the reference
-may be a JSON list of strings. ``answer_tag`` and ``tool_call`` follow the official SDFT evaluators.
+may be a JSON list of strings. ``answer_tag`` and ``tool_call`` follow the official SDFT evaluators'
+rules (docs/tasks.md, "Scorers"); ``tool_call_strict`` is a stricter parser, never the paper default.
 """
 
 from __future__ import annotations
@@ -48,55 +49,83 @@ def contains(prediction: str, answer: str) -> float:
 
 
 def answer_tag(prediction: str, answer: str) -> float:
-    """Text after the last ``<answer>`` and before the next ``</answer>``, stripped, equals the reference.
-
-    As the official Science evaluator: an unclosed final tag is read to the end of the text.
-    """
-    if "<answer>" not in prediction:
-        return 0.0
-    inside = prediction.rsplit("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+    """The official Science rule: the text after the last ``<answer>`` (the whole response when it has no
+    tag), up to the next ``</answer>`` (to the end when the tag is unclosed), stripped, equals the
+    reference."""
+    inside = prediction.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0].strip()
     return float(inside == answer.strip())
 
 
-_ACTION = re.compile(r"Action:\s*(.+?)\s*(?:\n|$)")
-_DECODER = json.JSONDecoder()
+# The official Tool Use rule: a name is the run of word characters after `Action:`; an input is the
+# shortest `{...}` after `Action Input:` (it may span lines), so a nested object is cut at its first `}`.
+_ACTION = re.compile(r"Action:\s*(\w+)")
+_ACTION_INPUT = re.compile(r"Action Input:\s*(\{.*?\})", re.DOTALL)
 
 
-def parse_tool_calls(text: str) -> tuple[Counter, dict | None]:
-    """Action names (as a multiset) and all Action Input JSON objects merged into one dict.
-
-    Each ``Action Input:`` is decoded from its first ``{`` (a JSON object may span lines). Returns
-    ``None`` for the inputs when any Action Input is not a valid JSON object.
-    """
-    names = Counter(m.strip() for m in _ACTION.findall(text))
+def _merge_json(blocks: list) -> dict:
+    """JSON objects (text or already parsed) merged in order; one that does not parse as an object is
+    skipped, as the official evaluator skips it."""
     merged: dict = {}
-    for part in text.split("Action Input:")[1:]:
-        start = part.find("{")
-        if start < 0:
-            return names, None
-        try:
-            value, _ = _DECODER.raw_decode(part[start:])
-        except json.JSONDecodeError:
-            return names, None
-        if not isinstance(value, dict):
-            return names, None
-        merged.update(value)
-    return names, merged
+    for block in blocks:
+        if isinstance(block, str):
+            try:
+                block = json.loads(block)
+            except json.JSONDecodeError:
+                continue
+        if isinstance(block, dict):
+            merged.update(block)
+    return merged
+
+
+def parse_tool_calls(text: str) -> tuple[Counter, dict]:
+    """Action names (a multiset) and every Action Input object merged, by the official rule."""
+    return Counter(_ACTION.findall(text)), _merge_json(_ACTION_INPUT.findall(text))
+
+
+def gold_tool_calls(answer: str) -> tuple[Counter, dict]:
+    """The reference's names and merged inputs: a JSON list of ``{"Action", "Action_Input"}`` (the input a
+    JSON string or an object); an input that is not JSON is skipped, as the official evaluator does.
+    Tasks check that every reference is such a list when they load (``tasks.load_task``)."""
+    gold = json.loads(answer)
+    names = Counter(str(g["Action"]).strip() for g in gold)
+    return names, _merge_json([g.get("Action_Input", {}) for g in gold])
+
+
+def check_tool_reference(answer: str) -> str | None:
+    """Why ``answer`` is not a tool-call reference (a JSON list of objects with an ``Action``), or None."""
+    try:
+        gold = json.loads(answer)
+    except json.JSONDecodeError as e:
+        return f"not JSON ({e.msg})"
+    if not isinstance(gold, list) or not all(isinstance(g, dict) and "Action" in g for g in gold):
+        return 'not a list of {"Action": ..., "Action_Input": ...} objects'
+    return None
 
 
 def tool_call(prediction: str, answer: str) -> float:
-    """Official tool-use check: the same multiset of actions and equal merged Action Input dicts.
+    """Official tool-use check: the same multiset of action names and equal merged Action Input dicts."""
+    return float(parse_tool_calls(prediction) == gold_tool_calls(answer))
 
-    The reference is a JSON list of ``{"Action": name, "Action_Input": json-string-or-dict}``.
-    """
-    gold = json.loads(answer)
-    gold_names = Counter(g["Action"].strip() for g in gold)
-    gold_inputs: dict = {}
-    for g in gold:
-        value = g.get("Action_Input", {})
-        gold_inputs.update(json.loads(value) if isinstance(value, str) else value)
-    names, inputs = parse_tool_calls(prediction)
-    return float(names == gold_names and inputs == gold_inputs)
+
+_DECODER = json.JSONDecoder()
+
+
+def tool_call_strict(prediction: str, answer: str) -> float:
+    """A stricter reading than the official one (not the paper's numbers): the whole rest of the
+    ``Action:`` line is the name, each Action Input is decoded from its first ``{`` as one JSON value
+    (nested objects whole), and any Action Input that is not a JSON object fails the response."""
+    names = Counter(m.strip() for m in re.findall(r"Action:\s*(.+?)\s*(?:\n|$)", prediction))
+    merged: dict = {}
+    for part in prediction.split("Action Input:")[1:]:
+        start = part.find("{")
+        try:
+            value = _DECODER.raw_decode(part[start:])[0] if start >= 0 else None
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            return 0.0
+        merged.update(value)
+    return float((names, merged) == gold_tool_calls(answer))
 
 
 def regex(prediction: str, answer: str) -> float:
@@ -113,6 +142,7 @@ SCORERS: dict[str, Callable[[str, str], float]] = {
     "contains": contains,
     "answer_tag": answer_tag,
     "tool_call": tool_call,
+    "tool_call_strict": tool_call_strict,
     "regex": regex,
 }
 

@@ -19,7 +19,7 @@ from sdft_cli.formats import FORMATS
 from sdft_cli.names import resolve_teacher_template
 from sdft_cli.prompts import encode_messages, encode_target, student_messages, teacher_messages
 from sdft_cli.rows import json_type, load_rows
-from sdft_cli.scorers import alternatives
+from sdft_cli.scorers import alternatives, check_tool_reference, normalize
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Task:
     cfg: TaskConfig
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+    # exclude_train_overlap: the test-pool questions left out because they are training questions
+    excluded: int = 0
 
     def system(self, ex: Example) -> str | None:
         """The system message of both of ``ex``'s contexts."""
@@ -142,15 +144,33 @@ def load_task(
     name: str, cfg: TaskConfig, train: bool = True, max_test: int | None = None, generate: bool = True
 ) -> Task:
     """Load and validate a task (its test split only with ``train=False``), capped by max_train/max_test
-    after the optional ``sample_seed`` shuffle."""
+    after the optional ``sample_seed`` shuffle.
+
+    With ``exclude_train_overlap`` the test pool first loses every question whose normalised text is a
+    training question (of the whole train split), then is capped: the cap draws from the clean pool.
+    """
     task = Task(name=name, cfg=cfg)
-    splits = [("train", cfg.max_train)] if train else []
-    splits.append(("test", min((x for x in (cfg.max_test, max_test) if x), default=None)))
-    for kind, limit in splits:
-        rows, positions, where = _sampled_rows(cfg, kind, name, limit, generate)
-        setattr(task, kind, _examples(rows, positions, cfg, name, where, train=kind == "train"))
-        if kind == "test" and cfg.scorer == "regex":
-            _check_patterns(task, where)
+    exclude = cfg.exclude_train_overlap
+    test_limit = min((x for x in (cfg.max_test, max_test) if x), default=None)
+    seen: set[str] = set()
+    if train or exclude:
+        rows, positions, where = _sampled_rows(
+            cfg, "train", name, None if exclude else cfg.max_train, generate
+        )
+        examples = _examples(rows, positions, cfg, name, where, train=True)
+        seen = {normalize(ex.prompt) for ex in examples} if exclude else set()
+        if train:
+            task.train = examples[: cfg.max_train] if cfg.max_train else examples
+    rows, positions, where = _sampled_rows(cfg, "test", name, None if exclude else test_limit, generate)
+    test = _examples(rows, positions, cfg, name, where, train=False)
+    if exclude:
+        kept = [ex for ex in test if normalize(ex.prompt) not in seen]
+        task.excluded = len(test) - len(kept)
+        if not kept:
+            raise DataError(f"task {name}: every row of {where} is also a training question")
+        test = kept[:test_limit] if test_limit else kept
+    task.test = test
+    _check_references(task, where)
     return task
 
 
@@ -189,6 +209,9 @@ def load_inputs(cfg: Config) -> Inputs:
     probes = {
         n: load_task(n, p, train=False, max_test=cfg.eval.max_items) for n, p in cfg.eval.probes.items()
     }
+    for task in tasks.values():
+        if task.excluded:
+            print(f"[sdft] task {task.name}: {task.excluded} test questions are training questions, left out")
     prompts = None
     if isinstance(cfg.method, SFTReinvokeConfig):
         prompts = load_prompts("method.reinvoke.prompts", cfg.method.reinvoke.prompts)
@@ -225,16 +248,22 @@ def check_demonstrations(tasks: list[Task]) -> None:
             )
 
 
-def _check_patterns(task: Task, where: str) -> None:
-    """Every reference of a regex-scored task must compile; name the first row that does not."""
+def _check_references(task: Task, where: str) -> None:
+    """References its scorer cannot read are reported with their row when the task loads: a regex that
+    does not compile, a tool-call reference that is not a list of actions."""
     for ex in task.test:
-        for pattern in alternatives(ex.answer or ""):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise DataError(
-                    f"task {task.name}: {where} row {ex.index}: invalid regex {pattern!r}: {e}"
-                ) from None
+        if task.cfg.scorer == "regex":
+            for pattern in alternatives(ex.answer or ""):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise DataError(
+                        f"task {task.name}: {where} row {ex.index}: invalid regex {pattern!r}: {e}"
+                    ) from None
+        elif task.cfg.scorer in ("tool_call", "tool_call_strict"):
+            why = check_tool_reference(ex.answer or "")
+            if why:
+                raise DataError(f"task {task.name}: {where} row {ex.index}: the tool-call reference is {why}")
 
 
 def check_lengths(

@@ -146,3 +146,30 @@ def test_sft_loss_is_the_demonstration_nll(tiny_model, copy_task_dir, tmp_path):
             logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
             want += float(-logp[torch.arange(len(target)), torch.tensor(target)].mean()) / len(idx)
     assert logged == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "backend", "temperature", "on"),
+    [
+        ({}, "hf", 1.0, False),  # the trainer samples: nothing to correct
+        ({}, "vllm", 1.0, True),  # another engine samples the student's rollouts
+        ({}, "vllm", 0.0, False),  # greedy: no sampler probabilities
+        ({"importance_sampling": "on"}, "hf", 1.0, True),
+        ({"importance_sampling": "off"}, "vllm", 1.0, False),
+        ({"generate_from": "teacher", "teacher": "frozen"}, "vllm", 1.0, False),  # the teacher samples
+    ],
+)
+def test_importance_weights_only_correct_the_students_own_samples(options, backend, temperature, on):
+    from sdft_cli.config import SDFTConfig
+    from sdft_cli.methods.sdft import use_importance_sampling
+
+    assert use_importance_sampling(SDFTConfig(**options), backend, temperature) is on
+
+
+def test_offline_distillation_refuses_importance_weights():
+    from sdft_cli.compose import compose
+    from sdft_cli.errors import ConfigError
+
+    assert compose(["method=offline_distill", "rollout.backend=vllm"]).method.generate_from == "teacher"
+    with pytest.raises(ConfigError, match="method.importance_sampling=on corrects the student's own samples"):
+        compose(["method=offline_distill", "method.importance_sampling=on"])

@@ -3,6 +3,7 @@ subsets, and the QA writer against a real OpenAI-compatible server on loopback."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -309,3 +310,42 @@ def test_a_knowledge_task_runs_end_to_end_with_the_judge(tmp_path, writer, tiny_
     # the base model's answers to every test question went to the judge with the three-way prompt
     assert len(test) <= len(judge.requests) <= 2 * len(test)
     assert all("PARTIALLY_CORRECT" in r["messages"][0]["content"] for r in judge.requests)
+
+
+def test_medical_test_questions_that_are_training_questions_are_left_out_before_the_draw(tmp_path):
+    """Planted overlaps (a training question copied into the verifiable pool, once verbatim and once with
+    other case, spacing and punctuation) leave the test split; the count is recorded and planned."""
+    base = FIXTURES / "huatuo"
+    sft = [json.loads(x) for x in (base / "reasoning_sft/train.jsonl").read_text().splitlines()]
+    ver = [json.loads(x) for x in (base / "verifiable/train.jsonl").read_text().splitlines()]
+    planted = [
+        {"Open-ended Verifiable Question": sft[0]["Question"], "Ground-True Answer": "ECG"},
+        {
+            "Open-ended Verifiable Question": "  " + sft[1]["Question"].upper().rstrip("?") + " !",
+            "Ground-True Answer": "x",
+        },
+    ]
+    write_jsonl(tmp_path / "verifiable" / "train.jsonl", [planted[0], *ver[:3], planted[1], *ver[3:]])
+    planted_pool = str(tmp_path / "verifiable")
+    cfg = dataclasses.replace(medical_cfg(exclude_train_overlap=True), test_path=planted_pool)
+    task = load_task("medical", cfg)
+    from sdft_cli.scorers import normalize
+
+    train_q = {normalize(ex.prompt) for ex in task.train}
+    assert task.excluded == 2 and len(task.test) == len(ver)
+    assert not any(normalize(ex.prompt) in train_q for ex in task.test)
+    plain = dataclasses.replace(medical_cfg(), test_path=planted_pool)
+    assert len(load_task("medical", plain).test) == len(ver) + 2
+    # the cap draws from the clean pool: still max_test rows, none of them a training question
+    capped = load_task("medical", dataclasses.replace(cfg, max_test=5, sample_seed=1))
+    assert len(capped.test) == 5 and not any(normalize(ex.prompt) in train_q for ex in capped.test)
+    assert capped.excluded == 2
+
+    from sdft_cli.compose import compose
+    from sdft_cli.plan import plan, render
+
+    run = compose(["task=[medical]", "method=sft"])
+    run.task["medical"] = cfg
+    p = plan(run)
+    assert p["tasks"][0]["test_excluded"] == 2
+    assert "medical: 2 test-pool questions left out (training questions)" in render(p, 400.0)

@@ -191,6 +191,11 @@ class SDFTConfig(MethodConfig):
         _choice("method.teacher_precision", self.teacher_precision, ("auto", "fp32", "bf16"))
         _choice("method.generate_from", self.generate_from, ("student", "teacher"))
         _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
+        if self.importance_sampling == "on" and self.generate_from == "teacher":
+            raise ConfigError(
+                "method.importance_sampling=on corrects the student's own samples; with "
+                "method.generate_from=teacher (offline distillation) it is off"
+            )
         _nonneg("method.skip_first_tokens", self.skip_first_tokens)
         if self.teacher_template is not None:
             teacher_template(self.teacher_template, "method.teacher_template")

@@ -116,6 +116,9 @@ class TaskConfig:
     # Optional caps on the number of rows used.
     max_train: int | None = None
     max_test: int | None = None
+    # Leave out of the test pool every question that is also a training question (case, punctuation and
+    # spacing ignored), before max_test draws from it; the count is printed and recorded.
+    exclude_train_overlap: bool = False
     description: str = ""
     # source=knowledge only: how the QA pairs are written ({generator, questions_per_article, ...};
     # null there = the defaults). Untyped in the schema so that an override can set the whole block;

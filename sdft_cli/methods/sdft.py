@@ -37,8 +37,12 @@ from sdft_cli.teacher import Teacher
 
 
 def use_importance_sampling(cfg: SDFTConfig, backend: str, temperature: float) -> bool:
-    """TIS is on when asked, or (auto) when another engine than the trainer samples the rollouts
-    (and they are sampled at all: greedy rollouts have no sampler probabilities to correct)."""
+    """TIS is on when asked, or (auto) when another engine than the trainer samples the student's
+    rollouts (and they are sampled at all: greedy rollouts have no sampler probabilities to correct).
+    Never when the teacher samples (offline distillation): its completions are not the student's policy
+    drifted by an engine, and the official code turns TIS off there too."""
+    if cfg.generate_from == "teacher":
+        return False
     if cfg.importance_sampling == "on":
         return True
     return cfg.importance_sampling == "auto" and backend != "hf" and temperature > 0
