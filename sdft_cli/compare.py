@@ -4,6 +4,12 @@ Runs are found under a sweep directory by their ``matrix.json``; runs whose Hydr
 apart from ``seed`` form one group (one method, or one method at one learning rate). The interval is
 Student's t over seeds, as the SDFT paper reports its 3 seeds (App. B.2). Called by Hydra at the end
 of a multirun (``CompareCallback``) and by ``sdft compare DIR``.
+
+Selection (the paper reports "the model achieving the highest validation performance"): a run's
+validation score is the mean over its tasks of the validation score of the checkpoint that ended each
+task (``selection.json``, written when ``eval.every_steps`` evaluated on validation); among the groups
+of one method, the one with the highest mean over seeds is selected, and its test figures are the ones
+to report. Test scores never enter the choice.
 """
 
 from __future__ import annotations
@@ -29,6 +35,16 @@ class RunRecord:
     seed: int
     data: dict
     preconditions: dict | None
+    # the validation score of the checkpoint that ended each task, by task (selection.json)
+    val: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def val_score(self) -> float:
+        """The mean over trained tasks of their validation scores (NaN when a task has none)."""
+        tasks = self.data["columns"][: self.n_tasks]
+        if not tasks or any(t not in self.val for t in tasks):
+            return float("nan")
+        return float(np.mean([self.val[t] for t in tasks]))
 
     @property
     def n_tasks(self) -> int:
@@ -97,10 +113,51 @@ def collect(sweep_dir: str | Path) -> list[Group]:
         rec = RunRecord(
             run_dir, int(data["meta"].get("seed", 0)), data, read_json(pre) if pre.is_file() else None
         )
+        rec.val = _validation(run_dir)
         groups.setdefault(label, Group(label)).runs.append(rec)
     if not groups:
         raise RunDirError(f"{root}: no runs (no matrix.json below it)")
     return list(groups.values())
+
+
+def _validation(run_dir: Path) -> dict[str, float]:
+    """Each finished task's validation score at the checkpoint that ended it (``selection.json``; a
+    two-phase method keeps it in its first phase's directory)."""
+    out = {}
+    for path in sorted(run_dir.glob("t*_*/train/**/selection.json")):
+        stage = path.relative_to(run_dir).parts[0]
+        sel = read_json(path)
+        if sel.get("val") is not None:
+            out[stage.split("_", 1)[1]] = float(sel["val"])
+    return out
+
+
+def _family(label: str, rec: RunRecord) -> str:
+    """The method a group belongs to: what selection chooses among (its other overrides)."""
+    for part in label.split(","):
+        if part.startswith("method="):
+            return part
+    return f"method={rec.data['meta'].get('method', '?')}"
+
+
+def select_on_validation(groups: list[Group]) -> dict:
+    """Per method, the group with the highest mean validation score over its seeds (a group lacking a
+    validation score for any run cannot be chosen); ties go to the first group in label order."""
+    families: dict[str, list[tuple[str, float]]] = {}
+    for g in sorted(groups, key=lambda g: g.label):
+        scores = [r.val_score for r in g.runs]
+        mean = float(np.mean(scores)) if scores and not any(math.isnan(x) for x in scores) else float("nan")
+        families.setdefault(_family(g.label, g.runs[0]), []).append((g.label, mean))
+    out = {}
+    for family, cands in families.items():
+        valid = [c for c in cands if not math.isnan(c[1])]
+        best = max(valid, key=lambda c: c[1]) if valid else None
+        out[family] = {
+            "selected": best[0] if best else None,
+            "val": best[1] if best else None,
+            "candidates": {label: (None if math.isnan(v) else v) for label, v in cands},
+        }
+    return out
 
 
 def run_figures(rec: RunRecord) -> dict:
@@ -160,10 +217,13 @@ def summarize(groups: list[Group]) -> dict:
         out["groups"][g.label] = {
             "runs": [str(r.path) for r in g.runs],
             "seeds": sorted(r.seed for r in g.runs),
+            "val": mean_ci([r.val_score for r in g.runs]),
             "tasks": tasks,
             "headline": head,
             "stages": stages,
         }
+    if any(r.val for g in groups for r in g.runs):
+        out["selection"] = select_on_validation(groups)
     pre = [r.preconditions for g in groups for r in g.runs if r.preconditions]
     if pre:
         out["preconditions"] = {
@@ -201,6 +261,21 @@ def render_markdown(summary: dict, title: str = "Comparison") -> str:
     for label, g in groups.items():
         cells = [_fmt(g["headline"][k], s) for k, _, s in HEADLINE]
         lines.append(f"| {label} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
+    selection = summary.get("selection")
+    if selection:
+        lines += ["", "## Selected on validation", ""]
+        lines.append(
+            "Per method, the settings with the highest validation score (mean over seeds of the mean over "
+            "tasks of the validation score of the checkpoint that ended each task); report the test figures "
+            "of that row above. Test scores take no part in the choice."
+        )
+        lines += ["", "| method | selected | validation % | candidates (validation %) |", "|---|---|---|---|"]
+        for family, sel in selection.items():
+            pct = {label: "–" if v is None else f"{v * 100:.1f}" for label, v in sel["candidates"].items()}
+            cands = "; ".join(f"{label or '–'}: {v}" for label, v in pct.items())
+            chosen = sel["selected"] if sel["selected"] is not None else "none (no validation scores)"
+            val = "–" if sel["val"] is None else f"{sel['val'] * 100:.1f}"
+            lines.append(f"| {family} | {chosen} | {val} | {cands} |")
     lines += ["", "## Per stage", ""]
     lines.append("| group | stage | task acc (just trained) | prior avg | KL from base |")
     lines.append("|---|---|---|---|---|")

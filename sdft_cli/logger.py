@@ -157,14 +157,15 @@ class RunLogger:
     def _count_steps(self) -> int:
         if not self.path.is_file():
             return 0
-        return sum('"step":' in line for line in self.path.read_text(encoding="utf-8").splitlines())
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return sum('"step":' in line and '"event":' not in line for line in lines)
 
     def rewind_eval(self, stage: int) -> None:
         """Forget evaluation records of ``stage`` (an evaluation cut short is about to run again)."""
         rewind_jsonl(self.path, lambda r: not (r.get("stage") == stage and r.get("event") == "eval"))
 
     def log(self, record: dict) -> None:
-        if "step" in record:
+        if "step" in record and "event" not in record:  # an optimizer step (not an evaluation at one)
             self.global_step += 1
         record = {"global_step": self.global_step, **record}
         append_jsonl(self.path, record)

@@ -93,7 +93,7 @@ JUDGE_SCORERS = {
 # ----------------------------------------------------------------------------- methods and objective
 
 # Training methods (methods.METHODS: schema, train function; conf/method/<name>.yaml: values).
-METHODS = ("sdft", "offline_distill", "sft", "dft", "sft_reinvoke")
+METHODS = ("sdft", "offline_distill", "sft", "sft_teacher", "dft", "sft_reinvoke")
 # The per-token objective (divergence.py; docs/objective.md).
 DIVERGENCES = ("forward", "reverse", "jsd")
 SUPPORTS = ("full", "topk")

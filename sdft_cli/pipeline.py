@@ -39,6 +39,7 @@ from sdft_cli.preconditions import precondition_stage, print_table
 from sdft_cli.provenance import check_config, config_yaml, write_provenance
 from sdft_cli.report import print_matrix, rebuild_matrix
 from sdft_cli.tasks import Inputs, check_inputs, load_inputs
+from sdft_cli.validation import Periodic
 
 
 def run(cfg: Config) -> dict:
@@ -63,6 +64,11 @@ def run(cfg: Config) -> dict:
         cfg.dist.backend, cfg.dist.timeout_min, device, cfg.dist.reshard_after_forward
     )
     try:
+        if dist.enabled and cfg.eval.every_steps:
+            raise ConfigError(
+                "eval.every_steps evaluates the in-memory student on rank 0; a multi-process (torchrun) "
+                "run evaluates after each task only (eval.every_steps=0)"
+            )
         if dist.enabled and "vllm" in (cfg.rollout.backend, cfg.eval.backend):
             raise ConfigError(
                 "rollout.backend=vllm and eval.backend=vllm run in one process; a multi-process "
@@ -207,6 +213,7 @@ class Run:
             device=self.device,
             trust_remote_code=cfg.model.trust_remote_code,
             prompts=self.inputs.prompts,
+            periodic=self.periodic(name),
         )
         if cfg.method.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # active in train mode only: generation (eval mode) keeps its KV cache
@@ -218,6 +225,21 @@ class Run:
             distributed.barrier()  # rank 0 has written the model
         else:  # the in-memory student is that checkpoint
             self.models.adopt(self.layout.model(index, name), self.device)
+
+    def periodic(self, name: str) -> Periodic | None:
+        """Task ``name``'s periodic evaluations (eval.every_steps), None when there are none."""
+        cfg = self.cfg
+        if not cfg.eval.every_steps:
+            return None
+        return Periodic(
+            every=cfg.eval.every_steps,
+            select=cfg.select,
+            task=self.inputs.tasks[name],
+            evals=self.evals,
+            tests=list(self.inputs.tasks.values()) if "test" in cfg.eval.periodic else [],
+            probes=list(self.inputs.probes.values()) if "probes" in cfg.eval.periodic else [],
+            source=self.base_path,
+        )
 
     def eval_stage(self, out_dir: Path, stage: int, stage_task: str, path: Path | str) -> None:
         evaluate_stage(self.evals, out_dir, stage, stage_task, self.models.get(path, self.device), path)

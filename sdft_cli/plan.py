@@ -30,6 +30,9 @@ class TaskPlan:
     train_tokens: int  # max tokens per trained completion (rollout.max_new_tokens for SDFT)
     eval_tokens: int  # max tokens per evaluation completion (the task's max_new_tokens)
     test_excluded: int = 0  # exclude_train_overlap: test-pool questions that are training questions
+    generations: int = 0  # completions sampled for training: every step's, or a fixed teacher set once
+    n_val: int | None = 0  # validation rows (periodic evaluation, select=best_val)
+    periodic: int = 0  # periodic evaluations during the task (eval.every_steps)
 
 
 def count_parameters(cfg: Config) -> int | None:
@@ -56,20 +59,31 @@ def plan(cfg: Config, params: float | None = None) -> dict:
     """The plan as a dict: per-task sizes and steps, evaluation calls, FLOPs (when the size is known)."""
     method = cfg.method
     sdft = isinstance(method, SDFTConfig)
+    n = method.rollouts_per_prompt if sdft else 1
+    # a fixed set of teacher outputs, sampled once per task (offline distillation, SFT on teacher outputs)
+    fixed = getattr(method, "teacher_samples", "") == "fixed" or getattr(method, "targets", "") == "teacher"
+    sampled = sdft or fixed
+    every = cfg.eval.every_steps
     tasks = []
     for name, tcfg in cfg.task.items():
         try:
             task = load_task(name, tcfg, train=True, max_test=cfg.eval.max_items)
             n_train, n_test, excluded = len(task.train), len(task.test), task.excluded
+            n_val: int | None = len(task.val)
             steps = steps_per_task(method, n_train)
         except SdftError:
-            n_train = n_test = steps = None
+            n_train = n_test = n_val = steps = None
             excluded = 0
-        train_tokens = (cfg.rollout.max_new_tokens if sdft else None) or tcfg.max_new_tokens
-        completions = (steps or 0) * method.prompts_per_step
-        tasks.append(
-            TaskPlan(name, n_train, n_test, steps, completions, train_tokens, tcfg.max_new_tokens, excluded)
+        train_tokens = (cfg.rollout.max_new_tokens if sampled else None) or tcfg.max_new_tokens
+        completions = (steps or 0) * method.prompts_per_step * n
+        plan_ = TaskPlan(
+            name, n_train, n_test, steps, completions, train_tokens, tcfg.max_new_tokens, excluded
         )
+        plan_.generations = (n_train or 0) * n if fixed else (completions if sdft else 0)
+        plan_.n_val = n_val
+        if every and steps:
+            plan_.periodic = steps // every + (1 if steps % every else 0)
+        tasks.append(plan_)
     probes = {}
     for name, pcfg in cfg.eval.probes.items():
         try:
@@ -87,16 +101,21 @@ def plan(cfg: Config, params: float | None = None) -> dict:
     stages = len(tasks) + 1
     per_stage = sum(t.n_test or 0 for t in tasks) + sum(n or 0 for n in probes.values())
     passk = cfg.eval.pass_at_k.n * sum(t.n_test or 0 for t in tasks) if cfg.eval.pass_at_k.k else 0
+    # each periodic evaluation: the task's validation rows, and as eval.periodic asks every test and probe
+    also = ("test" in cfg.eval.periodic) * sum(t.n_test or 0 for t in tasks)
+    also += ("probes" in cfg.eval.periodic) * sum(v or 0 for v in probes.values())
+    periodic = sum(t.periodic * (("val" in cfg.eval.periodic) * (t.n_val or 0) + also) for t in tasks)
     out = {
         "method": method.name,
         "model": cfg.model.name,
         "tasks": [t.__dict__ for t in tasks],
         "probes": probes,
         "eval_stages": stages,
-        "eval_generations": stages * (per_stage + passk),
+        "eval_generations": stages * (per_stage + passk) + periodic,
+        "periodic_generations": periodic,
         "optimizer_steps": sum(t.steps or 0 for t in tasks)
         + (reinvoke["steps_per_task"] * len(tasks) if reinvoke else 0),
-        "rollout_tokens": (sum(t.completions * t.train_tokens for t in tasks) if sdft else 0)
+        "rollout_tokens": sum(t.generations * t.train_tokens for t in tasks)
         + (reinvoke["completions"] * reinvoke["max_tokens"] if reinvoke else 0),
         "reinvoke": reinvoke,
         "params": params,
@@ -108,14 +127,16 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         },
     }
     if params:
-        # SDFT: generate (2N), teacher forward (2N), student forward+backward (6N) per trained token;
-        # SFT/DFT: forward+backward on the demonstrations
-        per_token = (2 + 2 + 6) if sdft else 6
-        flops = float(sum(per_token * params * t.completions * t.train_tokens for t in tasks))
+        # 2N per generated token (rollouts, a teacher set); per trained token, SDFT: teacher forward (2N)
+        # and student forward+backward (6N); SFT/DFT: forward+backward on its targets
+        per_token = (2 + 6) if sdft else 6
+        flops = float(sum(2 * params * t.generations * t.train_tokens for t in tasks))
+        flops += float(sum(per_token * params * t.completions * t.train_tokens for t in tasks))
         if reinvoke:  # generate, teacher forward, student forward+backward
             flops += (2 + 2 + 6) * params * reinvoke["completions"] * reinvoke["max_tokens"]
         samples = 1 + (cfg.eval.pass_at_k.n if cfg.eval.pass_at_k.k else 0)
         gen_tokens = sum(stages * (t.n_test or 0) * samples * t.eval_tokens for t in tasks)
+        gen_tokens += periodic * max((t.eval_tokens for t in tasks), default=0)  # at the longest cap
         for name, pcfg in cfg.eval.probes.items():
             gen_tokens += stages * (probes[name] or 0) * pcfg.max_new_tokens
         flops += 2 * params * gen_tokens
@@ -138,6 +159,9 @@ def render(p: dict, tflops: float) -> str:
             f"{t['completions']:>21} {t['train_tokens']:>12}/{t['eval_tokens']}"
         )
     for t in p["tasks"]:
+        if t.get("n_val"):
+            every = f", scored {t['periodic']} times during training" if t.get("periodic") else ""
+            lines.append(f"  {t['name']}: {t['n_val']} validation rows (never trained on){every}")
         if t.get("test_excluded"):
             lines.append(
                 f"  {t['name']}: {t['test_excluded']} test-pool questions left out (training questions)"
@@ -153,7 +177,12 @@ def render(p: dict, tflops: float) -> str:
             else ""
         ),
         f"rollout tokens (at most): {p['rollout_tokens']:,}",
-        f"evaluation: {p['eval_stages']} stages, {p['eval_generations']:,} greedy/sampled completions",
+        f"evaluation: {p['eval_stages']} stages, {p['eval_generations']:,} greedy/sampled completions"
+        + (
+            f" ({p['periodic_generations']:,} in periodic evaluations)"
+            if p.get("periodic_generations")
+            else ""
+        ),
     ]
     suite = p["lm_eval"]
     if suite["benchmarks"]:

@@ -43,8 +43,8 @@ def _split_file(cfg: TaskConfig, split: str, task: str) -> Path:
 
 
 def load_rows(cfg: TaskConfig, kind: str, task: str, generate: bool = True) -> tuple[list[dict], str]:
-    """Rows of the ``train`` or ``test`` split as dicts, through `datasets` (the real loading path for
-    local and hub data).
+    """Rows of the ``train``, ``test`` or ``val`` split as dicts, through `datasets` (the real loading
+    path for local and hub data).
 
     ``generate=False``: a knowledge task whose QA pairs are not generated yet fails instead of calling
     the generator (``sdft plan``).
@@ -52,7 +52,9 @@ def load_rows(cfg: TaskConfig, kind: str, task: str, generate: bool = True) -> t
     import datasets
 
     datasets.disable_progress_bars()
-    split = cfg.train_split if kind == "train" else cfg.test_split
+    split = {"train": cfg.train_split, "test": cfg.test_split, "val": cfg.val_split}[kind]
+    if split is None:
+        raise ValueError(f"task {task} has no {kind} split")
     if kind == "test" and cfg.test_path:  # the test split from another dataset
         cfg = dataclasses.replace(cfg, path=cfg.test_path, subset=cfg.test_subset, test_path=None)
     if cfg.source == "toy":
@@ -208,5 +210,5 @@ def _toy_rows(cfg: TaskConfig, split: str, task: str) -> list[dict]:
     style = cfg.subset or "plain"
     if style not in world.STYLES:
         raise ConfigError(f"task {task}: subset (the demonstration style) must be one of {world.STYLES}")
-    limit = cfg.max_train if split == cfg.train_split else cfg.max_test
+    limit = {cfg.train_split: cfg.max_train, cfg.test_split: cfg.max_test}.get(split, cfg.max_val)
     return world.rows(cfg.path, split, limit or world.DEFAULT_ROWS[split], style=style)

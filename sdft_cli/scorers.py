@@ -51,9 +51,9 @@ def contains(prediction: str, answer: str) -> float:
 def answer_tag(prediction: str, answer: str) -> float:
     """The official Science rule: the text after the last ``<answer>`` (the whole response when it has no
     tag), up to the next ``</answer>`` (to the end when the tag is unclosed), stripped, equals the
-    reference."""
+    reference as stored."""
     inside = prediction.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0].strip()
-    return float(inside == answer.strip())
+    return float(inside == answer)  # the reference as stored: the official code does not strip it
 
 
 # The official Tool Use rule: a name is the run of word characters after `Action:`; an input is the
@@ -62,18 +62,14 @@ _ACTION = re.compile(r"Action:\s*(\w+)")
 _ACTION_INPUT = re.compile(r"Action Input:\s*(\{.*?\})", re.DOTALL)
 
 
-def _merge_json(blocks: list) -> dict:
-    """JSON objects (text or already parsed) merged in order; one that does not parse as an object is
-    skipped, as the official evaluator skips it."""
+def _merge_json(blocks: list[str]) -> dict:
+    """The predicted inputs merged in order; a block that is not valid JSON is skipped."""
     merged: dict = {}
     for block in blocks:
-        if isinstance(block, str):
-            try:
-                block = json.loads(block)
-            except json.JSONDecodeError:
-                continue
-        if isinstance(block, dict):
-            merged.update(block)
+        try:
+            merged.update(json.loads(block))
+        except json.JSONDecodeError:
+            continue
     return merged
 
 
@@ -83,12 +79,18 @@ def parse_tool_calls(text: str) -> tuple[Counter, dict]:
 
 
 def gold_tool_calls(answer: str) -> tuple[Counter, dict]:
-    """The reference's names and merged inputs: a JSON list of ``{"Action", "Action_Input"}`` (the input a
-    JSON string or an object); an input that is not JSON is skipped, as the official evaluator does.
-    Tasks check that every reference is such a list when they load (``tasks.load_task``)."""
+    """The reference's names (as stored) and merged inputs: a JSON list of ``{"Action", "Action_Input"}``
+    whose inputs are JSON text. As in the official evaluator, an input that fails to merge (not JSON
+    text, not an object, missing) is skipped. Tasks check that every reference is such a list when they
+    load (``tasks.load_task``)."""
     gold = json.loads(answer)
-    names = Counter(str(g["Action"]).strip() for g in gold)
-    return names, _merge_json([g.get("Action_Input", {}) for g in gold])
+    merged: dict = {}
+    for g in gold:
+        try:
+            merged.update(json.loads(g["Action_Input"]))
+        except Exception:  # noqa: BLE001  (the official code skips whatever fails here)
+            continue
+    return Counter(g["Action"] for g in gold), merged
 
 
 def check_tool_reference(answer: str) -> str | None:

@@ -7,6 +7,7 @@ message names the task, the split and the row at fault.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -40,6 +41,8 @@ class Task:
     cfg: TaskConfig
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+    # validation rows (val_split, or val_fraction of train, never trained on); scored like test rows
+    val: list[Example] = field(default_factory=list)
     # exclude_train_overlap: the test-pool questions left out because they are training questions
     excluded: int = 0
 
@@ -154,13 +157,21 @@ def load_task(
     test_limit = min((x for x in (cfg.max_test, max_test) if x), default=None)
     seen: set[str] = set()
     if train or exclude:
-        rows, positions, where = _sampled_rows(
-            cfg, "train", name, None if exclude else cfg.max_train, generate
-        )
+        whole = exclude or bool(cfg.val_fraction)  # the cap applies after the split
+        rows, positions, where = _sampled_rows(cfg, "train", name, None if whole else cfg.max_train, generate)
         examples = _examples(rows, positions, cfg, name, where, train=True)
         seen = {normalize(ex.prompt) for ex in examples} if exclude else set()
+        if train and cfg.val_fraction:
+            val = [ex for ex in examples if in_validation(ex.prompt, cfg.val_fraction)]
+            examples = [ex for ex in examples if not in_validation(ex.prompt, cfg.val_fraction)]
+            task.val = _validated(val[: cfg.max_val] if cfg.max_val else val, name, f"{where} (validation)")
         if train:
             task.train = examples[: cfg.max_train] if cfg.max_train else examples
+            if not task.train:
+                raise DataError(f"task {name}: {where}: val_fraction={cfg.val_fraction} leaves no train row")
+    if train and cfg.val_split is not None:
+        rows, positions, where_val = _sampled_rows(cfg, "val", name, cfg.max_val, generate)
+        task.val = _validated(_examples(rows, positions, cfg, name, where_val, train=False), name, where_val)
     rows, positions, where = _sampled_rows(cfg, "test", name, None if exclude else test_limit, generate)
     test = _examples(rows, positions, cfg, name, where, train=False)
     if exclude:
@@ -172,6 +183,23 @@ def load_task(
     task.test = test
     _check_references(task, where)
     return task
+
+
+def in_validation(prompt: str, fraction: float) -> bool:
+    """Whether a training row is held out for validation: a stable hash of its normalised prompt, so the
+    split is the same in every process, run and row order, and duplicates fall on one side."""
+    digest = hashlib.sha256(normalize(prompt).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _validated(val: list[Example], name: str, where: str) -> list[Example]:
+    """Validation rows are scored: each needs a reference answer; at least one row."""
+    if not val:
+        raise DataError(f"task {name}: {where} has no rows (raise val_fraction or name a val_split)")
+    missing = next((ex.index for ex in val if not ex.answer), None)
+    if missing is not None:
+        raise DataError(f"task {name}: {where} row {missing} has no reference answer to score")
+    return val
 
 
 def load_prompts(name: str, cfg: TaskConfig) -> Task:
@@ -250,20 +278,23 @@ def check_demonstrations(tasks: list[Task]) -> None:
 
 def _check_references(task: Task, where: str) -> None:
     """References its scorer cannot read are reported with their row when the task loads: a regex that
-    does not compile, a tool-call reference that is not a list of actions."""
-    for ex in task.test:
-        if task.cfg.scorer == "regex":
-            for pattern in alternatives(ex.answer or ""):
-                try:
-                    re.compile(pattern)
-                except re.error as e:
+    does not compile, a tool-call reference that is not a list of actions (test and validation rows)."""
+    for rows, at in ((task.test, where), (task.val, "validation")):
+        for ex in rows:
+            if task.cfg.scorer == "regex":
+                for pattern in alternatives(ex.answer or ""):
+                    try:
+                        re.compile(pattern)
+                    except re.error as e:
+                        raise DataError(
+                            f"task {task.name}: {at} row {ex.index}: invalid regex {pattern!r}: {e}"
+                        ) from None
+            elif task.cfg.scorer in ("tool_call", "tool_call_strict"):
+                why = check_tool_reference(ex.answer or "")
+                if why:
                     raise DataError(
-                        f"task {task.name}: {where} row {ex.index}: invalid regex {pattern!r}: {e}"
-                    ) from None
-        elif task.cfg.scorer in ("tool_call", "tool_call_strict"):
-            why = check_tool_reference(ex.answer or "")
-            if why:
-                raise DataError(f"task {task.name}: {where} row {ex.index}: the tool-call reference is {why}")
+                        f"task {task.name}: {at} row {ex.index}: the tool-call reference is {why}"
+                    )
 
 
 def check_lengths(
@@ -307,8 +338,9 @@ def check_lengths(
             d = len(encode_target(tokenizer, msgs, ex.demonstration or "", target_eos))
             if n + d > context:
                 fail("train", ex, "prompt + demonstration", n + d, context, "nothing")
-    for ex in task.test:
-        n = len(encode_messages(tokenizer, task.student(ex)))
-        if n > context - task.cfg.max_new_tokens:
-            room = context - task.cfg.max_new_tokens
-            fail("test", ex, "prompt", n, room, f"max_new_tokens {task.cfg.max_new_tokens}")
+    for split, rows in (("test", task.test), ("validation", task.val)):
+        for ex in rows:
+            n = len(encode_messages(tokenizer, task.student(ex)))
+            if n > context - task.cfg.max_new_tokens:
+                room = context - task.cfg.max_new_tokens
+                fail(split, ex, "prompt", n, room, f"max_new_tokens {task.cfg.max_new_tokens}")

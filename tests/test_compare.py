@@ -106,3 +106,43 @@ def test_no_runs_is_a_clear_error(tmp_path):
         compare.collect(tmp_path)
     with pytest.raises(RunDirError, match="no such directory"):
         compare.collect(tmp_path / "missing")
+
+
+def test_the_sweep_selects_per_method_on_validation_never_on_test(tmp_path):
+    """Per method, the learning rate with the highest mean validation score (mean over tasks, then over
+    seeds) is selected, although another learning rate has the higher test score."""
+    import json
+
+    val = {
+        ("sft", "1e-5"): [0.6, 0.5, 0.7],
+        ("sft", "5e-5"): [0.4, 0.5, 0.45],
+        ("sdft", "1e-5"): [0.3, 0.2, 0.1],
+    }
+    val[("sdft", "5e-5")] = [0.3, 0.2, 0.1]  # a tie: the first label in order wins
+    for (method, lr), scores in val.items():
+        for seed, v in enumerate(scores):
+            test = 0.9 if lr == "5e-5" else 0.2  # the test ranking is the opposite
+            R = [[0.0, 0.0, 0.5], [test, 0.0, 0.5], [test, test, 0.5]]
+            run = make_run(
+                tmp_path, [f"method={method}", f"method.optim.lr={lr}", f"seed={seed}"], R, [0, 0], seed
+            )
+            for i, task in enumerate(TASKS, start=1):
+                sel = run / f"t{i:02d}_{task}" / "train" / ("sft" if i == 2 else "") / "selection.json"
+                sel.parent.mkdir(parents=True, exist_ok=True)
+                sel.write_text(json.dumps({"rule": "best_val", "val": v + (0.1 if i == 1 else -0.1)}))
+    summary = compare.summarize(compare.collect(tmp_path))
+    sel = summary["selection"]
+    assert sel["method=sft"]["selected"] == "method.optim.lr=1e-5,method=sft"
+    assert sel["method=sft"]["val"] == pytest.approx(statistics.mean(val[("sft", "1e-5")]))
+    assert sel["method=sdft"]["selected"] == "method.optim.lr=1e-5,method=sdft"
+    assert sel["method=sft"]["candidates"]["method.optim.lr=5e-5,method=sft"] == pytest.approx(0.45)
+    group = summary["groups"]["method.optim.lr=1e-5,method=sft"]
+    assert group["val"][:2] == pytest.approx(compare.mean_ci(val[("sft", "1e-5")])[:2])
+    report = compare.render_markdown(summary)
+    assert "## Selected on validation" in report
+    assert "| method=sft | method.optim.lr=1e-5,method=sft | 60.0 |" in report
+    # a run without validation scores: its group cannot be selected
+    (tmp_path / "method=sft,method.optim.lr=1e-5,seed=0" / "t01_a" / "train" / "selection.json").unlink()
+    sel = compare.summarize(compare.collect(tmp_path))["selection"]["method=sft"]
+    assert sel["selected"] == "method.optim.lr=5e-5,method=sft"
+    assert sel["candidates"]["method.optim.lr=1e-5,method=sft"] is None

@@ -59,6 +59,13 @@ def test_answer_tag_follows_the_official_science_rule(response, expected):
     assert answer_tag(response, "B") == expected
 
 
+def test_answer_tag_compares_with_the_reference_as_stored():
+    """The official code strips the response's answer, not the reference: a reference with whitespace
+    matches nothing."""
+    assert answer_tag("<answer>B</answer>", "B ") == 0.0
+    assert answer_tag("<answer>B </answer>", "B ") == 0.0
+
+
 def _gold(*calls) -> str:
     return json.dumps([{"Action": a, "Action_Input": i} for a, i in calls])
 
@@ -92,6 +99,11 @@ TOOLUSE = [
     ('Action: b\nAction Input: {"y": 2}\nAction: a\nAction Input: {"x": 1}', TWO, 1.0, 1.0),
     ("Action: getWeather\nAction Input: {}", _gold(("getWeather", "city=Oslo")), 1.0, 1.0),  # gold not JSON
     ("Action: getWeather", _gold(("getWeather", "city=Oslo")), 1.0, 1.0),
+    # an input stored as an object, not JSON text: json.loads fails on it and the official code skips it
+    ('Action: getWeather\nAction Input: {"city": "Oslo"}', _gold(("getWeather", {"city": "Oslo"})), 0.0, 0.0),
+    ("Action: getWeather\nAction Input: {}", _gold(("getWeather", {"city": "Oslo"})), 1.0, 1.0),
+    # a reference name is compared as stored: a trailing space never matches a word-character run
+    (CALL, _gold(("getWeather ", json.dumps({"city": "Oslo", "unit": "c"}))), 0.0, 0.0),
 ]
 
 

@@ -28,6 +28,7 @@ from sdft_cli.config.method import (
     SDFTConfig,
     SFTConfig,
     SFTReinvokeConfig,
+    SFTTeacherConfig,
 )
 from sdft_cli.config.model import ModelConfig, TinyModelConfig, ToyWorldConfig
 from sdft_cli.config.task import ColumnsConfig, EndpointConfig, JudgeConfig, KnowledgeConfig, TaskConfig
@@ -57,6 +58,7 @@ __all__ = [
     "SDFTConfig",
     "SFTConfig",
     "SFTReinvokeConfig",
+    "SFTTeacherConfig",
     "TaskConfig",
     "TinyModelConfig",
     "ToyWorldConfig",
@@ -202,6 +204,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    # The checkpoint that ends each task and starts the next: last, or best_val (the highest score on
+    # the task's validation split among the periodic evaluations, eval.every_steps; never the test).
+    select: str = "last"
 
     def __post_init__(self) -> None:
         if self.model.source == "hf" and not self.model.path:
@@ -232,6 +237,19 @@ class Config:
             raise ConfigError(
                 "method.importance_sampling=on needs sampled rollouts, but rollout.temperature=0"
             )
+        _choice("select", self.select, ("last", "best_val"))
+        if self.select == "best_val" or (self.eval.every_steps and "val" in self.eval.periodic):
+            why = "select=best_val" if self.select == "best_val" else "eval.periodic=[val, ...]"
+            if self.select == "best_val" and not self.eval.every_steps:
+                raise ConfigError("select=best_val chooses among periodic evaluations: set eval.every_steps")
+            if self.select == "best_val" and "val" not in self.eval.periodic:
+                raise ConfigError("select=best_val reads the validation score: put val in eval.periodic")
+            for name, task in self.task.items():
+                if not task.has_validation:
+                    raise ConfigError(
+                        f"{why} needs a validation split: set task.{name}.val_split or "
+                        f"task.{name}.val_fraction"
+                    )
         columns = [*self.task, *self.eval.probes, *self.eval.prior.benchmarks]
         overlap = sorted({c for c in columns if columns.count(c) > 1})
         if overlap:

@@ -113,8 +113,19 @@ class EvalConfig:
     pass_at_k: PassAtKConfig = field(default_factory=PassAtKConfig)
     # The lm-eval prior-capability suite (eval/prior=paper); its benchmarks are matrix columns.
     prior: PriorConfig = field(default_factory=PriorConfig)
+    # Evaluate every this many optimizer steps of a task, and at its last step (0 = only after each
+    # task): records in the task's validation.jsonl and metrics.jsonl, each with its checkpoint.
+    every_steps: int = 0
+    # What a periodic evaluation scores: val (the task's validation split), test (every task's test
+    # split), probes (the prior-capability probes). select=best_val reads val.
+    periodic: list[str] = field(default_factory=lambda: ["val"])
 
     def __post_init__(self) -> None:
+        _nonneg("eval.every_steps", self.every_steps)
+        for what in self.periodic:
+            _choice("eval.periodic", what, ("val", "test", "probes"))
+        if not self.periodic:
+            raise ConfigError("eval.periodic: name what a periodic evaluation scores (val, test, probes)")
         self.judge.check("eval.judge")
         _positive("eval.batch_size", self.batch_size)
         _choice("eval.backend", self.backend, ("hf", "vllm"))

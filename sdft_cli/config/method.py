@@ -169,6 +169,15 @@ class SDFTConfig(MethodConfig):
     teacher_precision: str = "auto"
     # Who samples the completions: student (on-policy, SDFT) or teacher (offline distillation).
     generate_from: str = "student"
+    # Completions sampled per prompt (per step; with teacher_samples=fixed, per prompt in the set). The
+    # paper samples one (App. B.1) and found more gave negligible gains (App. A.1). A step's sequences
+    # are prompts_per_step x rollouts_per_prompt, the mean over all of them (seq_mean) or their tokens.
+    rollouts_per_prompt: int = 1
+    # With generate_from=teacher: fresh = the teacher samples every step's completions anew (the official
+    # code's generate_from_teacher); fixed = it samples each training prompt's completions once, before
+    # the task's first step, and every epoch trains on that set (the paper's Fig. 6 offline
+    # distillation, a KL loss on a fixed dataset of teacher outputs; train/teacher_set/).
+    teacher_samples: str = "fresh"
     # Truncated importance weight per sequence, mean over its loss tokens of min(p_train/p_sampler, cap):
     # auto = on when rollouts come from another engine than the trainer (vLLM), off for the hf backend.
     importance_sampling: str = "auto"
@@ -190,6 +199,18 @@ class SDFTConfig(MethodConfig):
         _choice("method.teacher", self.teacher, ("ema", "frozen", "live"))
         _choice("method.teacher_precision", self.teacher_precision, ("auto", "fp32", "bf16"))
         _choice("method.generate_from", self.generate_from, ("student", "teacher"))
+        _positive("method.rollouts_per_prompt", self.rollouts_per_prompt)
+        _choice("method.teacher_samples", self.teacher_samples, ("fresh", "fixed"))
+        if self.teacher_samples == "fixed" and self.generate_from != "teacher":
+            raise ConfigError(
+                "method.teacher_samples=fixed is a set of the teacher's outputs; it needs "
+                "method.generate_from=teacher (the student's samples are on-policy, drawn every step)"
+            )
+        if self.teacher_samples == "fixed" and self.teacher != "frozen":
+            raise ConfigError(
+                "method.teacher_samples=fixed: the set is sampled once by the teacher the task starts with, "
+                f"and that teacher scores it (method.teacher=frozen, not {self.teacher})"
+            )
         _choice("method.importance_sampling", self.importance_sampling, ("auto", "on", "off"))
         if self.importance_sampling == "on" and self.generate_from == "teacher":
             raise ConfigError(
@@ -216,6 +237,7 @@ class OfflineDistillConfig(SDFTConfig):
     name: str = "offline_distill"
     generate_from: str = "teacher"
     teacher: str = "frozen"
+    teacher_samples: str = "fixed"
 
 
 @dataclass
@@ -225,10 +247,31 @@ class SFTConfig(MethodConfig):
     name: str = "sft"
     # none = plain NLL; prob = each token's NLL weighted by its detached probability (DFT).
     token_weighting: str = "none"
+    # token_mean: one mean over all demonstration tokens of the optimizer step, as TRL's SFTTrainer (the
+    # paper's SFT) normalises; seq_mean: each sequence's token mean, then the mean over sequences.
+    aggregation: str = "token_mean"
+    # What the student imitates: the dataset's demonstrations, or teacher = one completion per training
+    # prompt sampled once by the demonstration-conditioned model the task starts from (the paper's Fig. 6
+    # "SFT from the teacher"; train/teacher_set/, sampled with rollout.*).
+    targets: str = "demonstrations"
+    # The teacher context for targets=teacher (as method=sdft's: null = each task's own, else "paper").
+    teacher_template: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("method.token_weighting", self.token_weighting, ("none", "prob"))
+        _choice("method.targets", self.targets, ("demonstrations", "teacher"))
+        if self.teacher_template is not None:
+            teacher_template(self.teacher_template, "method.teacher_template")
+
+
+@dataclass
+class SFTTeacherConfig(SFTConfig):
+    """SFT on the teacher's outputs (paper Fig. 6): the NLL of completions the demonstration-conditioned
+    model sampled once, before the task's first step, instead of the dataset's demonstrations."""
+
+    name: str = "sft_teacher"
+    targets: str = "teacher"
 
 
 @dataclass

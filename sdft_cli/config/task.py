@@ -98,6 +98,12 @@ class TaskConfig:
     subset: str | None = None
     train_split: str = "train"
     test_split: str = "test"
+    # Validation rows (scored like test rows, never trained on), for periodic evaluation and
+    # select=best_val: a split of the same source (``val_split``), or the share ``val_fraction`` of the
+    # train rows chosen by a stable hash of the normalised prompt (so a question and its duplicates stay
+    # on one side). At most one of the two; neither = no validation.
+    val_split: str | None = None
+    val_fraction: float = 0.0
     # The test split from another dataset than `path` (Medical: the verifiable problems), same source.
     test_path: str | None = None
     test_subset: str | None = None
@@ -116,6 +122,7 @@ class TaskConfig:
     # Optional caps on the number of rows used.
     max_train: int | None = None
     max_test: int | None = None
+    max_val: int | None = None
     # Leave out of the test pool every question that is also a training question (case, punctuation and
     # spacing ignored), before max_test draws from it; the count is printed and recorded.
     exclude_train_overlap: bool = False
@@ -131,7 +138,7 @@ class TaskConfig:
         _choice(f"{key}.scorer", self.scorer, (*SCORERS, *JUDGE_SCORERS))
         _choice(f"{key}.format", self.format, ROW_FORMATS)
         _positive(f"{key}.max_new_tokens", self.max_new_tokens)
-        for name in ("max_train", "max_test"):
+        for name in ("max_train", "max_test", "max_val"):
             if getattr(self, name) is not None:
                 _positive(f"{key}.{name}", getattr(self, name))
         if self.source == "knowledge":
@@ -140,12 +147,27 @@ class TaskConfig:
         elif self.knowledge is not None:
             raise ConfigError(f"{key}.knowledge applies to source=knowledge only (this task: {self.source})")
         _nonempty(f"{key}.path", self.path)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{key}.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_split is not None:
+            _nonempty(f"{key}.val_split", self.val_split)
+            if self.val_fraction:
+                raise ConfigError(f"{key}: set val_split or val_fraction, not both")
+            if self.source == "knowledge":
+                raise ConfigError(
+                    f"{key}.val_split: a knowledge task's QA pairs have train and test only; "
+                    "hold validation out of train with val_fraction"
+                )
         for name in ("train_split", "test_split"):
             _nonempty(f"{key}.{name}", getattr(self, name))
         for name in ("prompt", "demonstration", "answer", "context"):
             _nonempty(f"{key}.columns.{name}", getattr(self.columns, name))
         if self.teacher_template is not None:
             teacher_template(self.teacher_template, f"{key}.teacher_template")
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_split is not None or self.val_fraction > 0
 
 
 def _knowledge(key: str, value: Any) -> KnowledgeConfig:

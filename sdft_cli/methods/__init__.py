@@ -2,8 +2,8 @@
 
 A method is its schema (``config/method.py``: every key and its check), its train function (one task,
 returns the trained student's HF directory) and its values, ``conf/method/<name>.yaml``, which extends the
-schema Hydra knows as ``schema/method/<name>``. ``offline_distill`` and ``dft`` are configurations of the
-SDFT and SFT loops (``generate_from``, ``token_weighting``).
+schema Hydra knows as ``schema/method/<name>``. ``offline_distill``, ``sft_teacher`` and ``dft`` are
+configurations of the SDFT and SFT loops (``generate_from``, ``targets``, ``token_weighting``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from sdft_cli.config import (
     SDFTConfig,
     SFTConfig,
     SFTReinvokeConfig,
+    SFTTeacherConfig,
 )
 from sdft_cli.methods import reinvoke, sdft, sft
 from sdft_cli.methods.context import TrainContext
@@ -40,6 +41,7 @@ METHODS: dict[str, Method] = {
     "sdft": Method(SDFTConfig, sdft.train_task),
     "offline_distill": Method(OfflineDistillConfig, sdft.train_task),
     "sft": Method(SFTConfig, sft.train_task),
+    "sft_teacher": Method(SFTTeacherConfig, sft.train_task),
     "dft": Method(DFTConfig, sft.train_task),
     "sft_reinvoke": Method(SFTReinvokeConfig, reinvoke.train_task),
 }

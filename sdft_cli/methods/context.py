@@ -10,15 +10,23 @@ from pathlib import Path
 
 import torch
 
-from sdft_cli import distributed, preempt
+from sdft_cli import distributed, preempt, validation
 from sdft_cli.artifacts import atomic_write_text
-from sdft_cli.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sdft_cli.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_final,
+)
 from sdft_cli.config import MethodConfig, RolloutConfig
 from sdft_cli.engines import Engines
 from sdft_cli.logger import RunLogger, Timer, TokenMeans, append_jsonl, rewind_jsonl
+from sdft_cli.rollout import Sampling
 from sdft_cli.schedule import TrainState
 from sdft_cli.tasks import Task
 from sdft_cli.teacher import Teacher
+from sdft_cli.validation import Periodic
 
 
 @dataclass
@@ -53,6 +61,8 @@ class TrainContext:
     trust_remote_code: bool = False
     # sft_reinvoke's general-purpose prompt set (loaded and checked with the run's inputs)
     prompts: Task | None = None
+    # eval.every_steps: the task's periodic evaluations and the choice of its final weights (select)
+    periodic: Periodic | None = None
 
     @property
     def pad_id(self) -> int:
@@ -61,6 +71,21 @@ class TrainContext:
     @property
     def samples_log(self) -> Path:
         return self.train_dir / "samples.jsonl"
+
+
+def sampling(ctx: TrainContext, task: Task, logprobs: bool = False) -> Sampling:
+    """How training rollouts (and a task's fixed teacher set) are sampled: ``rollout.*``, the length
+    cap falling back to the task's."""
+    r = ctx.rollout
+    return Sampling(
+        max_new_tokens=r.max_new_tokens or task.cfg.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        batch_size=r.batch_size,
+        logprobs=logprobs,
+        min_new_tokens=r.min_new_tokens,
+    )
 
 
 def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> TrainState:
@@ -80,7 +105,16 @@ def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> Train
         rewind_jsonl(ctx.samples_log, lambda r: r.get("step", 0) <= state.step)
         if state.step == 0 and ctx.samples_log.exists():
             atomic_write_text(ctx.samples_log, "")
+        if ctx.periodic is not None:
+            validation.rewind(ctx.train_dir, ctx.step_offset + state.step)
     state.total_steps = total
+    p = ctx.periodic
+    if p is not None and ckpt is not None and p.due(state.step, total):
+        step = ctx.step_offset + state.step
+        if not any(r["step"] == step for r in validation.read_records(ctx.train_dir)):
+            # stopped after this step's checkpoint, before its evaluation was recorded
+            record = p.evaluate(ctx.model, stage=ctx.stage, step=step)
+            validation.commit(p, ctx.train_dir, record, ctx.model, checkpoint=ckpt, logger=ctx.logger)
     return state
 
 
@@ -89,17 +123,42 @@ def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: Tra
     whenever a preemption signal is held (then the signal is acted on: the job exits or requeues)."""
     every = ctx.method.save_every
     stop = distributed.any_rank(preempt.requested())  # a signal seen by one rank checkpoints them all
-    if stop or (every and not state.step % every and state.step < state.total_steps):
+    p, last = ctx.periodic, state.step == state.total_steps
+    record = None
+    if p is not None and p.due(state.step, state.total_steps):  # scored before any checkpoint is written
+        record = p.evaluate(ctx.model, stage=ctx.stage, step=ctx.step_offset + state.step)
+    saved = None
+    if stop or (every and not state.step % every and not last):
         path = ctx.train_dir / "checkpoints" / f"step_{state.step:06d}"
-        save_checkpoint(path, ctx.model, ctx.tokenizer, teacher=teacher, opt=opt, sched=sched, state=state)
+        saved = save_checkpoint(
+            path, ctx.model, ctx.tokenizer, teacher=teacher, opt=opt, sched=sched, state=state
+        )
         if distributed.current().main:
             prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
+    if record is not None:
+        validation.commit(p, ctx.train_dir, record, ctx.model, checkpoint=saved, last=last, logger=ctx.logger)
     if stop:
         held = preempt.requested()
         preempt.act()
         if distributed.current().enabled and not held:
             # another rank was signalled and leaves; this one has nobody to train with
             raise SystemExit(preempt.PEER_EXIT)
+
+
+def finish(ctx: TrainContext, info: dict, teacher: Teacher | None = None) -> Path:
+    """End the task: with periodic evaluations, the weights ``select`` chooses go into the student
+    (recorded in ``selection.json`` and the manifest), then the final model and manifest are written."""
+    if ctx.periodic is not None and distributed.current().main:
+        last = ctx.step_offset + info["steps"]
+        chosen = validation.select(ctx.periodic, ctx.train_dir, ctx.model, last)
+        info["selected"] = chosen
+        if chosen["weights"] != "last":
+            print(
+                f"[sdft] stage {ctx.stage} {info['task']}: select={chosen['rule']} ends the task with step "
+                f"{chosen['step']} of {last}: {chosen['why']}",
+                flush=True,
+            )
+    return save_final(ctx.train_dir, ctx.model, ctx.tokenizer, info, teacher)
 
 
 def step_record(

@@ -78,6 +78,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         rollout=rollout,
         teacher_init=teacher,
         step_offset=steps_per_task(sft_cfg, len(task.train)),
+        periodic=None,  # the SFT phase's periodic evaluations chose its weights; re-invocation keeps them
     )
     return sdft.train_task(phase, prompts)
 

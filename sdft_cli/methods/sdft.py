@@ -1,6 +1,7 @@
 """SDFT on one task: every optimizer step samples fresh rollouts from the current student (on-policy),
-scores them with the demonstration-conditioned teacher, and distils the teacher's per-token
-distributions into the student. With ``generate_from=teacher`` the same loop is offline distillation.
+``rollouts_per_prompt`` per prompt, scores them with the demonstration-conditioned teacher, and distils
+the teacher's per-token distributions into the student. With ``generate_from=teacher`` the same loop is
+offline distillation, on the teacher's fresh samples or on a fixed set of them (``teacher_set.py``).
 Reads top to bottom; `sft.py` is a copy-modify of this file.
 
 One step, in the files it touches: the engine samples (``engines/``), both models run their forward
@@ -18,19 +19,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdft_cli import distributed
-from sdft_cli.checkpoint import save_final
+from sdft_cli import distributed, teacher_set
 from sdft_cli.config import SDFTConfig
 from sdft_cli.divergence import distillation, k3
 from sdft_cli.forward import completion_hidden, output_head
 from sdft_cli.guard import check_step
 from sdft_cli.logger import Timer, TokenMeans
 from sdft_cli.loss import fused_loss, importance_weights, loss_mask, sampled_logprobs, token_weights
-from sdft_cli.methods.context import TrainContext, log_samples, maybe_checkpoint, resume, step_record
+from sdft_cli.methods.context import (
+    TrainContext,
+    finish,
+    log_samples,
+    maybe_checkpoint,
+    resume,
+    sampling,
+    step_record,
+)
 from sdft_cli.names import resolve_teacher_template
 from sdft_cli.precision import autocast, autocast_dtype
 from sdft_cli.prompts import encode_messages
-from sdft_cli.rollout import Sampling
 from sdft_cli.schedule import batch_indices, build_optimizer, step_seed, steps_per_task
 from sdft_cli.tasks import Task
 from sdft_cli.teacher import Teacher
@@ -58,17 +65,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     student_ctx = [encode_messages(tok, task.student(ex)) for ex in task.train]
     teacher_ctx = [encode_messages(tok, task.teacher(ex, template)) for ex in task.train]
     tis = use_importance_sampling(cfg, ctx.rollout.backend, ctx.rollout.temperature)
-    sampling = Sampling(
-        max_new_tokens=ctx.rollout.max_new_tokens or task.cfg.max_new_tokens,
-        temperature=ctx.rollout.temperature,
-        top_p=ctx.rollout.top_p,
-        top_k=ctx.rollout.top_k,
-        batch_size=ctx.rollout.batch_size,
-        logprobs=tis,
-        min_new_tokens=ctx.rollout.min_new_tokens,
-    )
+    sample = sampling(ctx, task, logprobs=tis)
     on_policy = cfg.generate_from == "student"
     sample_ctx = student_ctx if on_policy else teacher_ctx
+    n = cfg.rollouts_per_prompt
 
     # ---------------------------------------------------------------- teacher, engine, optimizer, resume
     dist = distributed.current()
@@ -87,6 +87,11 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         source_dir=ctx.previous_dir or ctx.base_dir,
         whole_copy=dist.enabled,
     )
+    fixed = None  # offline distillation on a fixed set: the task's starting teacher samples it once
+    if cfg.generate_from == "teacher" and cfg.teacher_samples == "fixed":
+        fixed = teacher_set.build(
+            ctx.train_dir, engine, sampler, teacher_ctx, sample, per_prompt=n, seed=ctx.seed, stage=ctx.stage
+        )
     if dist.enabled:
         distributed.shard(student, device)
         teacher.shard(device)
@@ -103,25 +108,29 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         t_step = time.perf_counter()
         batch = batch_indices(len(task.train), cfg.prompts_per_step, state.step, (ctx.seed, ctx.stage))
         idx = distributed.my_share(batch)  # the whole batch in one process
+        rows = [i for i in idx for _ in range(n)]  # each prompt's rollouts side by side
 
         # ------------------------------------------------------------ rollout: the student samples
         torch.manual_seed(step_seed(ctx.seed, ctx.stage, state.step, dist.rank))
         with timer("rollout"):
-            engine.push(sampler)
-            ro = engine.generate([sample_ctx[i] for i in idx], sampling)
-            engine.release()  # the engine's memory goes back to the trainer until the next push
+            if fixed is not None:
+                ro = fixed.rollouts(rows, [k for _ in idx for k in range(n)], ctx.pad_id)
+            else:
+                engine.push(sampler)
+                ro = engine.generate([sample_ctx[i] for i in rows], sample)
+                engine.release()  # the engine's memory goes back to the trainer until the next push
         lmask = loss_mask(ro.completion_mask, cfg.skip_first_tokens)
         # normalised over the whole batch (every rank's tokens): gradients are summed over ranks
         normalizer = (
-            float(len(batch))
+            float(len(batch) * n)
             if cfg.aggregation == "seq_mean"
             else distributed.sum_floats([float(lmask.sum())])[0]
         )
 
         # ------------------------------------------------------------ score + update, per micro-batch
         step_loss, tokens, is_w, bad_rows = 0.0, TokenMeans(), [], []
-        for start in range(0, len(idx), cfg.micro_batch_size):
-            mb = list(range(start, min(start + cfg.micro_batch_size, len(idx))))
+        for start in range(0, len(rows), cfg.micro_batch_size):
+            mb = list(range(start, min(start + cfg.micro_batch_size, len(rows))))
             width = max(1, int(ro.completion_mask[mb].sum(-1).max()))  # trim shared right padding
             comp, cmask, lm = ro.completion_ids[mb, :width], ro.completion_mask[mb, :width], lmask[mb, :width]
             # completion tokens (up to EOS), flattened row by row: the loss sees only these
@@ -130,21 +139,21 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             seq_ids = torch.arange(len(mb), device=device).unsqueeze(-1).expand(sel.shape)[sel]
             # the teacher reads the demonstration-conditioned context; its logits are formed in the loss
             with timer("score"), torch.no_grad():
-                t_ctx = [teacher_ctx[idx[j]] for j in mb]
+                t_ctx = [teacher_ctx[rows[j]] for j in mb]
                 h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, score_amp)[sel]
                 head_t, _ = output_head(teacher.model)  # after the forward: a sharded root is gathered
                 if ctx.autocast_dtype is None:  # scored in bf16, read by the fp32 loss
                     h_t = h_t.to(head_t.weight.dtype)
             # the student reads the prompt alone
             with timer("update"):
-                s_ctx = [student_ctx[idx[j]] for j in mb]
+                s_ctx = [student_ctx[rows[j]] for j in mb]
                 h_s = completion_hidden(student, s_ctx, comp, cmask, ctx.pad_id, ctx.autocast_dtype)[sel]
                 head_s, head_params = output_head(student)
                 weights = token_weights(lm, cfg.aggregation, normalizer).to(device)
                 if tis:  # one truncated importance weight per sequence, from the sampler's log-probs
                     with autocast(ctx.autocast_dtype, device):
                         lp = sampled_logprobs(
-                            h_s.detach(), head_s, targets, sampling.temperature, cfg.loss_chunk_size
+                            h_s.detach(), head_s, targets, sample.temperature, cfg.loss_chunk_size
                         )
                     lp_train = torch.zeros(sel.shape, device=device).masked_scatter(sel, lp)
                     lp_sampler = ro.logprobs[mb, :width].to(device)
@@ -171,7 +180,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             with torch.no_grad():
                 step_loss += float(out.loss)
                 if not math.isfinite(step_loss) and not bad_rows:  # the first micro-batch that went bad
-                    bad_rows = [idx[j] for j in mb]
+                    bad_rows = sorted({rows[j] for j in mb})
                 st = {k: v.cpu() for k, v in out.stats.items()}
                 on_loss = lm[sel.cpu()]
                 on_comp = torch.ones_like(on_loss)
@@ -221,7 +230,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             device=device,
         )
         ctx.logger.log(record)
-        log_samples(ctx, state.step, idx, ro.texts)
+        log_samples(ctx, state.step, rows, ro.texts)
         bar.update(1)
         bar.set_postfix(
             loss=f"{record['train/loss']:.3f}",
@@ -231,4 +240,4 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         maybe_checkpoint(ctx, teacher, opt, sched, state)
     bar.close()
     info = {"method": cfg.name, "task": task.name, "steps": total, "skipped_steps": state.skipped}
-    return save_final(ctx.train_dir, student, tok, info, teacher if cfg.save_teacher else None)
+    return finish(ctx, info, teacher if cfg.save_teacher else None)

@@ -1,6 +1,7 @@
 """SFT on one task: next-token NLL on the expert demonstrations (off-policy), through the same loop,
 batches, schedule, checkpoints and logs as `sdft.py`, of which this file is a copy-modify. With
-``token_weighting=prob`` it is DFT (each token's NLL scaled by its detached probability).
+``token_weighting=prob`` it is DFT (each token's NLL scaled by its detached probability); with
+``targets=teacher`` the targets are a fixed set of the teacher's completions (``teacher_set.py``).
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdft_cli import distributed
-from sdft_cli.checkpoint import save_final
+from sdft_cli import distributed, teacher_set
 from sdft_cli.config import SFTConfig
 from sdft_cli.divergence import nll
 from sdft_cli.forward import completion_hidden, output_head
 from sdft_cli.guard import check_step
 from sdft_cli.logger import Timer, TokenMeans
 from sdft_cli.loss import fused_loss, token_weights
-from sdft_cli.methods.context import TrainContext, maybe_checkpoint, resume, step_record
+from sdft_cli.methods.context import TrainContext, finish, maybe_checkpoint, resume, sampling, step_record
+from sdft_cli.names import resolve_teacher_template
 from sdft_cli.precision import autocast
 from sdft_cli.prompts import encode_messages, encode_target
 from sdft_cli.schedule import batch_indices, build_optimizer, steps_per_task
@@ -35,12 +36,36 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
 
     # ---------------------------------------------------------------- contexts, tokenised once
     student_ctx = [encode_messages(tok, task.student(ex)) for ex in task.train]
-    targets = [encode_target(tok, task.student(ex), ex.demonstration or "", ctx.eos_ids) for ex in task.train]
+    device = ctx.device or next(student.parameters()).device
+    if cfg.targets == "teacher":  # sampled once by the model the task starts from, given the demonstration
+        template = resolve_teacher_template(cfg.teacher_template, task.cfg.teacher_template)
+        teacher_ctx = [encode_messages(tok, task.teacher(ex, template)) for ex in task.train]
+        engine = ctx.engines.for_training(
+            student,
+            device=device,
+            work_dir=ctx.train_dir,
+            source_dir=ctx.previous_dir or ctx.base_dir,
+            whole_copy=distributed.current().enabled,
+        )
+        fixed = teacher_set.build(
+            ctx.train_dir,
+            engine,
+            student,
+            teacher_ctx,
+            sampling(ctx, task),
+            per_prompt=1,
+            seed=ctx.seed,
+            stage=ctx.stage,
+        )
+        targets = fixed.completions
+    else:
+        targets = [
+            encode_target(tok, task.student(ex), ex.demonstration or "", ctx.eos_ids) for ex in task.train
+        ]
 
     # ---------------------------------------------------------------- optimizer, resume
     total = steps_per_task(cfg, len(task.train))
     student.train()
-    device = ctx.device or next(student.parameters()).device
     if distributed.current().enabled:
         distributed.shard(student, device)
     opt, sched = build_optimizer(student, cfg.optim, total)
@@ -141,4 +166,4 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         maybe_checkpoint(ctx, no_teacher, opt, sched, state)
     bar.close()
     info = {"method": cfg.name, "task": task.name, "steps": total, "skipped_steps": state.skipped}
-    return save_final(ctx.train_dir, student, tok, info)
+    return finish(ctx, info)
