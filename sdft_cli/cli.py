@@ -195,15 +195,23 @@ def validate() -> None:
             except SdftError as e:
                 failures += 1
                 typer.echo(f"FAIL  {override}: {e}")
-    for f in sorted((root / "experiment_method").glob("*/*.yaml")):
-        # experiment_method/<experiment>/<method>.yaml: the experiment's settings for one method
-        overrides = [f"experiment={f.parent.name}", f"method={f.stem}"]
-        try:
-            compose(overrides)
-            typer.echo(f"ok    {' '.join(overrides)}")
-        except SdftError as e:
-            failures += 1
-            typer.echo(f"FAIL  experiment_method/{f.parent.name}/{f.name}: {e}")
+    from sdft_cli.names import METHODS
+
+    for folder in sorted(p for p in (root / "experiment_method").iterdir() if p.is_dir()):
+        # every method in every experiment with per-method settings (experiment_method/<exp>/<method>.yaml)
+        for method in METHODS:
+            overrides = [f"experiment={folder.name}", f"method={method}"]
+            note = (
+                ""
+                if (folder / f"{method}.yaml").is_file()
+                else "  (no per-method file: the method's defaults)"
+            )
+            try:
+                compose(overrides)
+                typer.echo(f"ok    {' '.join(overrides)}{note}")
+            except SdftError as e:
+                failures += 1
+                typer.echo(f"FAIL  {' '.join(overrides)}: {e}")
     if failures:
         _fail(f"{failures} config(s) failed to compose", code=1)
     typer.echo("all configs compose and type-check")

@@ -64,11 +64,6 @@ def run(cfg: Config) -> dict:
         cfg.dist.backend, cfg.dist.timeout_min, device, cfg.dist.reshard_after_forward
     )
     try:
-        if dist.enabled and cfg.eval.every_steps:
-            raise ConfigError(
-                "eval.every_steps evaluates the in-memory student on rank 0; a multi-process (torchrun) "
-                "run evaluates after each task only (eval.every_steps=0)"
-            )
         if dist.enabled and "vllm" in (cfg.rollout.backend, cfg.eval.backend):
             raise ConfigError(
                 "rollout.backend=vllm and eval.backend=vllm run in one process; a multi-process "

@@ -35,6 +35,12 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def left_truncate(ids: list[int], limit: int | None) -> list[int]:
+    """The last ``limit`` tokens (all of them when ``limit`` is None), as TRL and the official SDFT code
+    truncate prompts (``prompt_ids[:, -max_prompt_length:]``)."""
+    return ids if limit is None or len(ids) <= limit else ids[-limit:]
+
+
 def encode_target(tokenizer, messages: list[dict], demonstration: str, eos_ids: list[int]) -> list[int]:
     """The demonstration as the assistant's turn, as the chat template renders it, up to its end-of-turn.
 

@@ -251,12 +251,21 @@ def check_inputs(cfg: Config, inputs: Inputs, tokenizer, eos_ids: list[int], con
     (for SDFT the teacher's too, for SFT the demonstration), and the preconditions measurement has the
     demonstrations it needs."""
     sdft = isinstance(cfg.method, SDFTConfig)
+    sampled = sdft or getattr(cfg.method, "targets", "") == "teacher"  # teacher contexts are decoded
     for task in inputs.tasks.values():
-        template = (
-            resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template) if sdft else None
-        )
+        template = None
+        if sampled:
+            template = resolve_teacher_template(cfg.method.teacher_template, task.cfg.teacher_template)
         rollout_tokens = cfg.rollout.max_new_tokens or task.cfg.max_new_tokens
-        check_lengths(task, tokenizer, context, rollout_tokens, template, None if sdft else eos_ids)
+        limit = cfg.method.max_prompt_tokens
+        eos = None if sampled else eos_ids
+        cut = check_lengths(task, tokenizer, context, rollout_tokens, template, eos, limit)
+        if cut:
+            print(
+                f"[sdft] task {task.name}: {cut} training contexts are longer than method.max_prompt_tokens="
+                f"{limit} and lose their first tokens (left truncation)",
+                flush=True,
+            )
     for probe in inputs.probes.values():
         check_lengths(probe, tokenizer, context, probe.cfg.max_new_tokens)
     if inputs.prompts is not None:  # the re-invocation prompts (sft_reinvoke)
@@ -304,13 +313,23 @@ def check_lengths(
     rollout_tokens: int,
     template: str | None = None,
     target_eos: list[int] | None = None,
-) -> None:
-    """Fail before any work if a context leaves no room for its completion.
+    max_prompt: int | None = None,
+) -> int:
+    """Fail before any work if a context leaves no room for its completion; returns how many training
+    contexts ``max_prompt`` (left truncation, training only) cuts.
 
     Training rows: the student prompt (and with ``template`` the teacher context) plus ``rollout_tokens``;
     with ``target_eos`` (SFT) the prompt plus the demonstration. Test rows: the prompt plus the task's
     ``max_new_tokens``.
     """
+    cut = 0
+
+    def length(ids: list[int]) -> int:
+        nonlocal cut
+        if max_prompt is not None and len(ids) > max_prompt:
+            cut += 1
+            return max_prompt
+        return len(ids)
 
     def fail(split: str, ex: Example, what: str, n: int, room: int, why: str) -> None:
         raise DataError(
@@ -320,11 +339,11 @@ def check_lengths(
 
     for ex in task.train:
         msgs = task.student(ex)
-        n = len(encode_messages(tokenizer, msgs))
+        n = length(encode_messages(tokenizer, msgs))
         if n > context - rollout_tokens:
             fail("train", ex, "prompt", n, context - rollout_tokens, f"max_new_tokens {rollout_tokens}")
         if template is not None:
-            t = len(encode_messages(tokenizer, task.teacher(ex, template)))
+            t = length(encode_messages(tokenizer, task.teacher(ex, template)))
             if t > context - rollout_tokens:
                 fail(
                     "train",
@@ -344,3 +363,4 @@ def check_lengths(
             if n > context - task.cfg.max_new_tokens:
                 room = context - task.cfg.max_new_tokens
                 fail(split, ex, "prompt", n, room, f"max_new_tokens {task.cfg.max_new_tokens}")
+    return cut

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sdft_cli import distributed
 from sdft_cli.artifacts import atomic_write_json, read_json
 from sdft_cli.engines.hf import inference_copy
 from sdft_cli.evaluate import EvalContext, evaluate_many
@@ -55,14 +56,32 @@ class Periodic:
     def due(self, step: int, total: int) -> bool:
         return step == total or step % self.every == 0
 
-    def evaluate(self, model: torch.nn.Module, *, stage: int, step: int) -> dict:
-        """Score ``model`` as it is at ``step``; the record that ``validation.jsonl`` keeps."""
+    # a sharded student's whole weights at the last evaluation (rank 0), for keeping them as the best
+    gathered: dict | None = field(default=None, repr=False)
+
+    def evaluate(self, model: torch.nn.Module, *, stage: int, step: int) -> dict | None:
+        """Score ``model`` as it is at ``step``; the record that ``validation.jsonl`` keeps. Every rank
+        calls it; rank 0 evaluates (a sharded student's weights gathered into a whole copy) and the
+        others get None."""
         val = [Task(name=self.task.name, cfg=self.task.cfg, test=self.task.val)] if self.task.val else []
         groups = {"val": val, "test": self.tests, "probes": self.probes}
         tasks = [t for g in groups.values() for t in g]
         training = model.training
-        model.eval()
-        copy = inference_copy(model, self.evals.dtype)
+        self.gathered = None
+        if distributed.is_sharded(model):
+            state = distributed.full_state(model)  # every rank takes part; rank 0 gets the weights
+            if not distributed.current().main:
+                return None
+            from sdft_cli.models import load_model
+
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            copy = load_model(self.source, dtype, trust_remote_code=self.evals.trust_remote_code)
+            distributed.load_full_state(copy, state)
+            copy = inference_copy(copy, self.evals.dtype).eval()
+            self.gathered = state
+        else:
+            model.eval()
+            copy = inference_copy(model, self.evals.dtype)
         engine = self.evals.engines.for_eval(copy, backend=self.evals.cfg.backend, path=self.source)
         results = evaluate_many(
             engine,
@@ -138,7 +157,7 @@ def commit(
         if checkpoint is not None:
             kept = keep_weights(checkpoint / "model", root, record["step"])
         else:
-            kept = save_weights(model, periodic.evals.tokenizer, root, record["step"])
+            kept = save_weights(model, periodic.evals.tokenizer, root, record["step"], periodic.gathered)
     where = checkpoint or kept
     record["checkpoint"] = "model" if last else (where.name if where is not None else None)
     append_jsonl(train_dir / RECORDS, record)
@@ -157,14 +176,15 @@ def _replace_best(tmp: Path, root: Path, step: int) -> Path:
     return out
 
 
-def save_weights(model: torch.nn.Module, tokenizer, root: Path, step: int) -> Path:
-    """The student's weights alone (no optimizer or teacher state) as ``best_step_N``."""
+def save_weights(model: torch.nn.Module, tokenizer, root: Path, step: int, state: dict | None = None) -> Path:
+    """The student's weights alone (no optimizer or teacher state) as ``best_step_N``; ``state``: a
+    sharded student's gathered weights."""
     from sdft_cli.checkpoint import save_model
 
     tmp = root / f".{BEST}{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer, None)
+    save_model(tmp, model, tokenizer, state)
     return _replace_best(tmp, root, step)
 
 
@@ -197,9 +217,9 @@ def rewind(train_dir: Path, step: int) -> None:
         shutil.rmtree(kept[1], ignore_errors=True)
 
 
-def select(periodic: Periodic, train_dir: Path, model: torch.nn.Module, last_step: int) -> dict:
-    """Choose the weights that end the task (``model`` holds the last step's), load them into ``model``,
-    and write ``selection.json``; returns that record."""
+def select(periodic: Periodic, train_dir: Path, last_step: int) -> dict:
+    """Choose the weights that end the task and write ``selection.json``; returns that record, whose
+    ``weights`` names the kept directory under ``checkpoints/`` to load, or ``last``."""
     records = read_records(train_dir)
     last = next((r for r in reversed(records) if r["step"] == last_step), None)
     best = best_record(records)
@@ -223,10 +243,6 @@ def select(periodic: Periodic, train_dir: Path, model: torch.nn.Module, last_ste
             out.update(step=last_step, weights="last")
             out["why"] = f"step {best['step']} scored highest but its weights are gone (resumed past it)"
         else:
-            from sdft_cli.models import load_model
-
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            model.load_state_dict(load_model(kept[1], dtype).state_dict())
             out.update(step=best["step"], weights=kept[1].name, val=val_score(best))
             out["why"] = (
                 f"highest validation {out['metric']} ({val_score(best):.4f}) of {len(records)} evaluations; "
@@ -236,6 +252,19 @@ def select(periodic: Periodic, train_dir: Path, model: torch.nn.Module, last_ste
         out["val"] = val_score(next(r for r in records if r["step"] == out["step"]))
     atomic_write_json(train_dir / SELECTION, out)
     return out
+
+
+def load_selected(model: torch.nn.Module, train_dir: Path, chosen: dict, trust_remote_code: bool) -> None:
+    """Load the chosen kept weights into ``model`` (sharded or not; every rank calls it)."""
+    if chosen["weights"] == "last":
+        return
+    from sdft_cli.models import load_model
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    kept = load_model(
+        train_dir / "checkpoints" / chosen["weights"], dtype, trust_remote_code=trust_remote_code
+    )
+    distributed.load_full_state(model, kept.state_dict())
 
 
 def read_selection(train_dir: Path) -> dict | None:

@@ -174,3 +174,42 @@ def test_sft_averages_over_the_steps_tokens_like_trl(tiny_model, tmp_path):
         METHODS["sft"].train(train_context(copy.deepcopy(model), tok, cfg, layout), task)
         record = json.loads(layout.metrics_log.read_text().splitlines()[0])
         assert record["train/loss"] == pytest.approx(value, rel=1e-4)
+
+
+def test_the_official_left_truncation_keeps_each_training_contexts_last_tokens(
+    tiny_model, tmp_path, monkeypatch
+):
+    """method.max_prompt_tokens=K: every student and teacher context the loss reads is its last K tokens;
+    without it, a context longer than the model's is refused before any work, naming the row."""
+    from conftest import write_jsonl
+
+    from sdft_cli.errors import DataError
+    from sdft_cli.methods import sdft
+    from sdft_cli.prompts import encode_messages, left_truncate
+    from sdft_cli.tasks import check_lengths
+
+    assert left_truncate([1, 2, 3, 4], 2) == [3, 4] and left_truncate([1, 2], 5) == [1, 2]
+    assert left_truncate([1, 2, 3], None) == [1, 2, 3]
+    model, tok = tiny_model
+    long = "Some tool documentation. " * 6
+    rows = [{"prompt": f"{long}Repeat: {w}", "demonstration": w, "answer": w} for w in ("apple", "river")]
+    write_jsonl(tmp_path / "t" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "t" / "test.jsonl", [{"prompt": "Repeat: x", "answer": "x"}])
+    task = load_task("copy", TaskConfig(source="json", path=str(tmp_path / "t"), max_new_tokens=4))
+    n = len(encode_messages(tok, task.student(task.train[0])))
+    assert n > 100 and len(task.train) == 2, (n, len(task.train))
+    template = resolve_teacher_template("paper", None)
+    with pytest.raises(DataError, match="train row 0: prompt is"):
+        check_lengths(task, tok, 100, 4, template)
+    assert check_lengths(task, tok, 100, 4, template, max_prompt=48) == 4  # 2 student + 2 teacher contexts
+
+    seen = []
+    real = sdft.completion_hidden
+
+    def spy(model_, contexts, *args, **kwargs):
+        seen.extend(len(c) for c in contexts)
+        return real(model_, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(sdft, "completion_hidden", spy)
+    _train("sdft", model, tok, task, tmp_path / "cut", max_prompt_tokens=48, max_steps=1)
+    assert seen and all(x == 48 for x in seen)  # both contexts of both rows, cut to their last 48 tokens

@@ -95,10 +95,23 @@ def test_two_processes_match_one(one_process, tmp_path):
 
 
 def test_sft_two_processes_match_one(tmp_path):
-    args = [*ARGS, "method=sft"]
+    """Also with periodic evaluations and select=best_val: rank 0 scores the gathered student, and every
+    rank ends the task with the weights it chose (a random model scores 0: the first evaluation's)."""
+    periodic = [
+        "eval.every_steps=2",
+        "select=best_val",
+        "task.facts.val_fraction=0.25",
+        "task.facts.max_val=3",
+    ]
+    args = [*ARGS, "method=sft", *periodic]
     sdft("run", *args, "run_dir=one", cwd=tmp_path)
     torchrun(*args, "run_dir=two", cwd=tmp_path)
-    assert_same_training(tmp_path / "one", tmp_path / "two")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_same_training(one, two)
+    for name in ("validation.jsonl", "selection.json"):
+        assert (train_dir(two) / name).read_text() == (train_dir(one) / name).read_text()
+    chosen = json.loads((train_dir(two) / "selection.json").read_text())
+    assert (chosen["step"], chosen["weights"]) == (2, "best_step_000002")
 
 
 def _workers(parent: int) -> list:

@@ -55,7 +55,7 @@ def test_example_composes_as_written(words, offline_env):
         assert out.exit_code == 0, out.output
         assert "steps" in out.output
     elif command == "validate":
-        assert not args  # composes every option: tests/test_cli.py runs it
+        assert not args  # composes every option: tests/test_paper_experiments.py runs it
     else:
         pytest.fail(f"README example with an unknown command: {' '.join(words)}")
 

@@ -158,3 +158,13 @@ def test_a_run_killed_around_periodic_evaluations_ends_as_if_never_interrupted(
     for stage in ("t01_facts", "t02_mcq"):
         mine, theirs = (d / stage / "train" / validation.RECORDS for d in (harness.work / "val", ref))
         assert mine.read_text() == theirs.read_text()
+
+
+def test_plan_counts_validation_rows_and_periodic_evaluations(tmp_path):
+    args = ["experiment=toy_world", "hydra.mode=RUN", "method=sdft", "select=best_val", "eval.every_steps=12"]
+    plan = json.loads(sdft("plan", *args, "--json", cwd=tmp_path).stdout)
+    for t in plan["tasks"]:
+        assert t["n_val"] == 64 and t["periodic"] == -(-t["steps"] // 12)  # every 12 steps and the last
+    assert plan["periodic_generations"] == sum(t["periodic"] * t["n_val"] for t in plan["tasks"])
+    text = sdft("plan", *args, cwd=tmp_path).stdout
+    assert "drop: 64 validation rows (never trained on), scored" in text

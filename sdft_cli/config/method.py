@@ -113,6 +113,11 @@ class MethodConfig:
     aggregation: str = "seq_mean"
     # Recompute activations in the backward pass (the official code's setting): less memory, ~1.3x time.
     gradient_checkpointing: bool = False
+    # Keep only the last this-many tokens of every training context (student prompt, teacher context,
+    # the prompt a rollout continues): the official code's left truncation at max_prompt_length=1024,
+    # which cuts the start (tool documentation, system prompt) of long contexts. null = never truncate:
+    # a context too long for the model is refused before any work. Evaluation contexts are never cut.
+    max_prompt_tokens: int | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +130,8 @@ class MethodConfig:
         _nonneg("method.log_samples", self.log_samples)
         if self.max_steps is not None:
             _positive("method.max_steps", self.max_steps)
+        if self.max_prompt_tokens is not None:
+            _positive("method.max_prompt_tokens", self.max_prompt_tokens)
         if self.prompts_per_step % self.micro_batch_size:
             raise ConfigError(
                 f"method.prompts_per_step ({self.prompts_per_step}) must be a multiple of "

@@ -111,10 +111,13 @@ def resume(ctx: TrainContext, teacher: Teacher, opt, sched, total: int) -> Train
     p = ctx.periodic
     if p is not None and ckpt is not None and p.due(state.step, total):
         step = ctx.step_offset + state.step
-        if not any(r["step"] == step for r in validation.read_records(ctx.train_dir)):
-            # stopped after this step's checkpoint, before its evaluation was recorded
+        main = distributed.current().main
+        recorded = main and any(r["step"] == step for r in validation.read_records(ctx.train_dir))
+        if not distributed.from_main(recorded):  # stopped after this step's checkpoint, before its record
             record = p.evaluate(ctx.model, stage=ctx.stage, step=step)
-            validation.commit(p, ctx.train_dir, record, ctx.model, checkpoint=ckpt, logger=ctx.logger)
+            if record is not None:
+                validation.commit(p, ctx.train_dir, record, ctx.model, checkpoint=ckpt, logger=ctx.logger)
+            distributed.barrier()
     return state
 
 
@@ -135,8 +138,10 @@ def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: Tra
         )
         if distributed.current().main:
             prune_checkpoints(ctx.train_dir / "checkpoints", keep=path)
-    if record is not None:
+    if record is not None:  # rank 0
         validation.commit(p, ctx.train_dir, record, ctx.model, checkpoint=saved, last=last, logger=ctx.logger)
+    if p is not None and p.due(state.step, state.total_steps):
+        distributed.barrier()  # the other ranks wait for rank 0's evaluation
     if stop:
         held = preempt.requested()
         preempt.act()
@@ -148,11 +153,13 @@ def maybe_checkpoint(ctx: TrainContext, teacher: Teacher, opt, sched, state: Tra
 def finish(ctx: TrainContext, info: dict, teacher: Teacher | None = None) -> Path:
     """End the task: with periodic evaluations, the weights ``select`` chooses go into the student
     (recorded in ``selection.json`` and the manifest), then the final model and manifest are written."""
-    if ctx.periodic is not None and distributed.current().main:
+    if ctx.periodic is not None:
         last = ctx.step_offset + info["steps"]
-        chosen = validation.select(ctx.periodic, ctx.train_dir, ctx.model, last)
+        main = distributed.current().main
+        chosen = distributed.gather(validation.select(ctx.periodic, ctx.train_dir, last) if main else None)[0]
+        validation.load_selected(ctx.model, ctx.train_dir, chosen, ctx.trust_remote_code)
         info["selected"] = chosen
-        if chosen["weights"] != "last":
+        if chosen["weights"] != "last" and main:
             print(
                 f"[sdft] stage {ctx.stage} {info['task']}: select={chosen['rule']} ends the task with step "
                 f"{chosen['step']} of {last}: {chosen['why']}",

@@ -37,7 +37,7 @@ from sdft_cli.methods.context import (
 )
 from sdft_cli.names import resolve_teacher_template
 from sdft_cli.precision import autocast, autocast_dtype
-from sdft_cli.prompts import encode_messages
+from sdft_cli.prompts import encode_messages, left_truncate
 from sdft_cli.schedule import batch_indices, build_optimizer, step_seed, steps_per_task
 from sdft_cli.tasks import Task
 from sdft_cli.teacher import Teacher
@@ -62,8 +62,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
 
     # ---------------------------------------------------------------- contexts, tokenised once
     template = resolve_teacher_template(cfg.teacher_template, task.cfg.teacher_template)
-    student_ctx = [encode_messages(tok, task.student(ex)) for ex in task.train]
-    teacher_ctx = [encode_messages(tok, task.teacher(ex, template)) for ex in task.train]
+    cut = cfg.max_prompt_tokens  # the official code's left truncation, when set
+    student_ctx = [left_truncate(encode_messages(tok, task.student(ex)), cut) for ex in task.train]
+    teacher_ctx = [left_truncate(encode_messages(tok, task.teacher(ex, template)), cut) for ex in task.train]
     tis = use_importance_sampling(cfg, ctx.rollout.backend, ctx.rollout.temperature)
     sample = sampling(ctx, task, logprobs=tis)
     on_policy = cfg.generate_from == "student"

@@ -23,7 +23,7 @@ from sdft_cli.loss import fused_loss, token_weights
 from sdft_cli.methods.context import TrainContext, finish, maybe_checkpoint, resume, sampling, step_record
 from sdft_cli.names import resolve_teacher_template
 from sdft_cli.precision import autocast
-from sdft_cli.prompts import encode_messages, encode_target
+from sdft_cli.prompts import encode_messages, encode_target, left_truncate
 from sdft_cli.schedule import batch_indices, build_optimizer, steps_per_task
 from sdft_cli.tasks import Task
 from sdft_cli.teacher import Teacher
@@ -35,11 +35,14 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     timer = Timer()
 
     # ---------------------------------------------------------------- contexts, tokenised once
-    student_ctx = [encode_messages(tok, task.student(ex)) for ex in task.train]
+    cut = cfg.max_prompt_tokens  # the official code's left truncation, when set
+    student_ctx = [left_truncate(encode_messages(tok, task.student(ex)), cut) for ex in task.train]
     device = ctx.device or next(student.parameters()).device
     if cfg.targets == "teacher":  # sampled once by the model the task starts from, given the demonstration
         template = resolve_teacher_template(cfg.teacher_template, task.cfg.teacher_template)
-        teacher_ctx = [encode_messages(tok, task.teacher(ex, template)) for ex in task.train]
+        teacher_ctx = [
+            left_truncate(encode_messages(tok, task.teacher(ex, template)), cut) for ex in task.train
+        ]
         engine = ctx.engines.for_training(
             student,
             device=device,
