@@ -7,6 +7,7 @@ sdft validate                compose and type-check every option and experiment
 sdft matrix RUN_DIR          print a run's forgetting matrix and metrics
 sdft compare SWEEP_DIR       compare the runs of a sweep: mean and 95% CI over seeds per method
 sdft plan [OVERRIDES...]     what a config will do: sizes, steps, tokens, evaluation calls, GPU-hours
+sdft report DIR              the continual-learning report of a run or sweep (HTML, Markdown, JSON, figures)
 """
 
 from __future__ import annotations
@@ -274,6 +275,23 @@ def compare(
     except SdftError as e:
         _fail(str(e))
     typer.echo(path.read_text())
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(
+        ..., help="A run or a sweep directory (runs below it contain matrix.json)."
+    ),
+    out: Path = typer.Option(None, help="Where to write (default: RUN_DIR)."),
+) -> None:
+    """The continual-learning report: report.html (self-contained), report.md, report.json, figures/."""
+    from sdft_cli.analysis import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except SdftError as e:
+        _fail(str(e))
+    typer.echo(f"[sdft] report: {path}")
 
 
 def main() -> None:

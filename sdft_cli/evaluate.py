@@ -21,6 +21,7 @@ from sdft_cli import prior
 from sdft_cli.artifacts import atomic_write_json, write_jsonl, write_manifest
 from sdft_cli.config import EvalConfig, JudgeConfig, PassAtKConfig
 from sdft_cli.divergence import kl
+from sdft_cli.drift import completion_stats, weight_distance
 from sdft_cli.engines import Engine, Engines
 from sdft_cli.engines.hf import inference_copy
 from sdft_cli.forward import completion_hidden, output_head
@@ -309,10 +310,12 @@ def _cells(results: list[EvalResult], stage: int, stage_task: str, kinds: dict[s
     return cells
 
 
-def evaluate_stage(ctx: EvalContext, out_dir: Path, stage: int, stage_task: str, model, path: Path) -> None:
+def evaluate_stage(
+    ctx: EvalContext, out_dir: Path, stage: int, stage_task: str, model, path: Path, previous=None
+) -> None:
     """Evaluate every task and probe after ``stage`` (0: the base model), and the lm-eval suite; write
     predictions, ``results.json``, the diagnostics and the manifest (last). ``path`` is the checkpoint
-    ``model`` was loaded from."""
+    ``model`` was loaded from, ``previous`` the one the stage started from (``drift.json``)."""
     ctx.logger.rewind_eval(stage)
     every = [*ctx.tasks.values(), *ctx.probes.values()]
     kinds = {**{n: "trained" for n in ctx.tasks}, **{n: "prior" for n in ctx.probes}}
@@ -350,6 +353,16 @@ def evaluate_stage(ctx: EvalContext, out_dir: Path, stage: int, stage_task: str,
         diag = kl_to_base(base, copy, new, pad_id=pad, batch_size=batch, autocast_dtype=ctx.autocast_dtype)
         base.to("cpu")
         atomic_write_json(out_dir / "diagnostics.json", {"task": stage_task, **diag})
+    if ctx.cfg.drift:
+        pad = ctx.tokenizer.pad_token_id  # type: ignore[attr-defined]
+        stats = completion_stats(
+            copy, results, pad_id=pad, batch_size=batch, autocast_dtype=ctx.autocast_dtype
+        )
+        moved: dict = {"stage": stage, "columns": stats}
+        if stage > 0 and previous is not None:
+            moved["weights"] = {"to_base": weight_distance(path, ctx.base.path)}
+            moved["weights"]["to_previous"] = weight_distance(path, previous)
+        atomic_write_json(out_dir / "drift.json", moved)
     passk = []
     if ctx.cfg.pass_at_k.k:
         for task in ctx.tasks.values():

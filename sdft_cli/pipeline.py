@@ -36,9 +36,9 @@ from sdft_cli.models import (
 from sdft_cli.names import resolve_teacher_template
 from sdft_cli.precision import autocast_dtype, inference_dtype, resolve_device
 from sdft_cli.preconditions import precondition_stage, print_table
-from sdft_cli.provenance import check_config, config_yaml, write_provenance
+from sdft_cli.provenance import check_config, config_yaml, data_hashes, write_provenance
 from sdft_cli.report import print_matrix, rebuild_matrix
-from sdft_cli.tasks import Inputs, check_inputs, load_inputs
+from sdft_cli.tasks import Inputs, JointTask, Task, check_inputs, load_inputs
 from sdft_cli.validation import Periodic
 
 
@@ -75,7 +75,7 @@ def run(cfg: Config) -> dict:
             if dist.main:
                 check_config(layout, cfg)
                 atomic_write_text(layout.config, config_yaml(cfg))
-                write_provenance(layout)
+                write_provenance(layout, data_hashes({**inputs.tasks, **inputs.probes}))
             state = Run.start(cfg, layout, device, base_path, inputs, lm_eval_tasks)
             try:
                 metrics = state.loop()
@@ -152,7 +152,7 @@ class Run:
 
     def loop(self) -> dict:
         """Row 0, then train and evaluate each task; returns the final metrics."""
-        layout, tasks, main = self.layout, self.inputs.tasks, distributed.current().main
+        layout, main = self.layout, distributed.current().main
         data: dict = {"metrics": {}}
         # ---------------------------------------------------------------- row 0: the base model (rank 0)
         if main:
@@ -167,7 +167,9 @@ class Run:
                 print_table(read_json(layout.preconditions() / "preconditions.json"))
 
         previous = self.base_path
-        for i, name in enumerate(tasks, start=1):
+        for i, name in enumerate(self.stages(), start=1):
+            if self.cfg.curriculum == "single":  # every task from the base: the single-task reference
+                previous = self.base_path
             # ------------------------------------------------------------ train on task i (every rank)
             if distributed.from_main(main and not verified(layout.train(i, name))):
                 self.train_stage(i, name, previous)
@@ -176,12 +178,21 @@ class Run:
                 # a crash while the finished stage dropped its checkpoints leaves them behind
                 shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)
                 if not verified(layout.eval(i, name)):
-                    self.eval_stage(layout.eval(i, name), i, name, layout.model(i, name))
+                    self.eval_stage(layout.eval(i, name), i, name, layout.model(i, name), previous)
                     data = self.write_matrix()
             previous = layout.model(i, name)
         return data["metrics"]
 
     # ------------------------------------------------------------------ stages
+
+    def stages(self) -> list[str]:
+        """The training stages' names: the tasks in order, or one ``joint`` stage (curriculum=joint)."""
+        return ["joint"] if self.cfg.curriculum == "joint" else list(self.inputs.tasks)
+
+    def task(self, name: str) -> Task:
+        if name == "joint" and self.cfg.curriculum == "joint":
+            return JointTask(self.inputs.tasks, getattr(self.cfg.method, "teacher_template", None))
+        return self.inputs.tasks[name]
 
     def train_stage(self, index: int, name: str, previous: Path | str) -> None:
         """Train on task ``index`` from the model at ``previous``; the method writes checkpoints, the
@@ -214,7 +225,7 @@ class Run:
             # active in train mode only: generation (eval mode) keeps its KV cache
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with preempt.deferred():
-            METHODS[cfg.method.name].train(ctx, self.inputs.tasks[name])
+            METHODS[cfg.method.name].train(ctx, self.task(name))
         if dist.enabled:  # the in-memory student is sharded: evaluation reloads the saved one
             self.models.drop()
             distributed.barrier()  # rank 0 has written the model
@@ -229,15 +240,18 @@ class Run:
         return Periodic(
             every=cfg.eval.every_steps,
             select=cfg.select,
-            task=self.inputs.tasks[name],
+            task=self.task(name),
             evals=self.evals,
             tests=list(self.inputs.tasks.values()) if "test" in cfg.eval.periodic else [],
             probes=list(self.inputs.probes.values()) if "probes" in cfg.eval.periodic else [],
             source=self.base_path,
         )
 
-    def eval_stage(self, out_dir: Path, stage: int, stage_task: str, path: Path | str) -> None:
-        evaluate_stage(self.evals, out_dir, stage, stage_task, self.models.get(path, self.device), path)
+    def eval_stage(
+        self, out_dir: Path, stage: int, stage_task: str, path: Path | str, previous: Path | str | None = None
+    ) -> None:
+        model = self.models.get(path, self.device)
+        evaluate_stage(self.evals, out_dir, stage, stage_task, model, path, previous)  # type: ignore[arg-type]
 
     def templates(self) -> dict[str, str]:
         """Each task's teacher template (the method's, when it sets one, applies to every task)."""
@@ -255,9 +269,13 @@ class Run:
             "model": cfg.model.name,
             "eval_dtype": self.evals.dtype_name,
             "title": f"{cfg.method.name} · {cfg.model.name} · seed {cfg.seed}",
+            "curriculum": cfg.curriculum,
+            "stages": self.stages(),
         }
+        if cfg.curriculum != "sequential":
+            meta["title"] += f" · curriculum={cfg.curriculum}"
         priors = [*self.inputs.probes, *cfg.eval.prior.benchmarks]
-        data = rebuild_matrix(self.layout, list(self.inputs.tasks), priors, meta)
+        data = rebuild_matrix(self.layout, list(self.inputs.tasks), priors, meta, self.stages())
         print_matrix(data)
         self.logger.log_matrix(data, self.layout.matrix("png"))
         return data

@@ -90,7 +90,22 @@ def git_revision() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def write_provenance(layout: RunLayout) -> None:
+def data_hashes(tasks: dict) -> dict[str, str]:
+    """sha256 of each task's rows as the run reads them (train, validation and test examples, in order):
+    two runs with the same hash trained and were scored on the same data."""
+    import dataclasses
+    import hashlib
+    import json
+
+    out = {}
+    for name, task in tasks.items():
+        rows = {s: [dataclasses.asdict(ex) for ex in getattr(task, s)] for s in ("train", "val", "test")}
+        out[name] = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def write_provenance(layout: RunLayout, data: dict[str, str] | None = None) -> None:
+    """``data``: ``data_hashes`` of the run's tasks and probes."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -113,6 +128,7 @@ def write_provenance(layout: RunLayout) -> None:
             "git": git_revision(),
             "python": platform.python_version(),
             "packages": versions,
+            "data": data or {},
             "all_packages": sorted(
                 f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
             ),

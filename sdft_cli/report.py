@@ -127,7 +127,7 @@ def _matrix_data(cells: list[dict], tasks: list[str], priors: list[str], meta: d
     columns, metrics = [*tasks, *priors], summarize(R, len(tasks), stage=k)
     data = _json_safe(
         {
-            "rows": ["base", *(f"{i}:{t}" for i, t in enumerate(tasks[:k], start=1))],
+            "rows": ["base", *(f"{i}:{t}" for i, t in enumerate(meta.get("stages", tasks)[:k], start=1))],
             "columns": columns,
             "column_kinds": ["trained"] * len(tasks) + ["prior"] * len(priors),
             "column_metrics": [metric_of.get(name) for name in columns],
@@ -155,15 +155,19 @@ def write_matrix(run_dir: Path, cells: list[dict], tasks: list[str], priors: lis
     return metrics
 
 
-def rebuild_matrix(layout: RunLayout, tasks: list[str], priors: list[str], meta: dict) -> dict:
+def rebuild_matrix(
+    layout: RunLayout, tasks: list[str], priors: list[str], meta: dict, stages: list[str] | None = None
+) -> dict:
     """The run's matrix from every complete evaluation stage (a corrupt one is left out and redone by
     the run), with each trained stage's KL to the base in the metadata; written, then returned as
-    ``load_matrix`` reads it."""
-    dirs = [layout.base_eval()] + [layout.eval(i, n) for i, n in enumerate(tasks, 1)]
+    ``load_matrix`` reads it. ``stages``: the training stages' names when they are not the tasks (one
+    ``joint`` stage)."""
+    stages = stages or tasks
+    dirs = [layout.base_eval()] + [layout.eval(i, n) for i, n in enumerate(stages, 1)]
     cells = [c for d in dirs if verified(d) for c in read_json(d / "results.json")]
     diags = {
         f"{i}:{n}": read_json(d / "diagnostics.json")
-        for i, (n, d) in enumerate(zip(tasks, dirs[1:], strict=True), start=1)
+        for i, (n, d) in enumerate(zip(stages, dirs[1:], strict=True), start=1)
         if is_complete(d) and (d / "diagnostics.json").is_file()
     }
     kl = {

@@ -57,6 +57,34 @@ class Task:
         return teacher_messages(ex.prompt, ex.demonstration or "", template, self.system(ex), ex.context)
 
 
+class JointTask(Task):
+    """Every task's training rows as one task (``curriculum=joint``): each row keeps its own task's
+    contexts (system message, teacher template) and the rows are shuffled together by the step batches.
+    Its validation rows are each task's; evaluation scores the tasks themselves."""
+
+    def __init__(self, parts: dict[str, Task], method_template: str | None):
+        import dataclasses as dc
+
+        first = next(iter(parts.values()))
+        longest = max(t.cfg.max_new_tokens for t in parts.values())
+        cfg = dc.replace(first.cfg, max_new_tokens=longest, teacher_template=None)
+        super().__init__(name="joint", cfg=cfg, train=[ex for t in parts.values() for ex in t.train])
+        self.parts = parts
+        self._owner = {id(ex): t for t in parts.values() for ex in t.train}
+        # each row's teacher template, resolved as the run resolves it for its own task
+        self.templates = {
+            n: resolve_teacher_template(method_template, t.cfg.teacher_template) for n, t in parts.items()
+        }
+
+    def system(self, ex: Example) -> str | None:
+        return self._owner[id(ex)].system(ex)
+
+    def teacher(self, ex: Example, template: str) -> list[dict]:
+        """The row's own task's teacher context (``template``, resolved for the joint task, is unused)."""
+        owner = self._owner[id(ex)]
+        return owner.teacher(ex, self.templates[owner.name])
+
+
 def _text(
     row: dict, column: str, *, task: str, where: str, i: int, required: bool, structured: bool = False
 ) -> str | None:

@@ -63,7 +63,8 @@ class Periodic:
         """Score ``model`` as it is at ``step``; the record that ``validation.jsonl`` keeps. Every rank
         calls it; rank 0 evaluates (a sharded student's weights gathered into a whole copy) and the
         others get None."""
-        val = [Task(name=self.task.name, cfg=self.task.cfg, test=self.task.val)] if self.task.val else []
+        parts = getattr(self.task, "parts", {self.task.name: self.task})  # a joint task: each task's rows
+        val = [Task(name=n, cfg=t.cfg, test=t.val) for n, t in parts.items() if t.val]
         groups = {"val": val, "test": self.tests, "probes": self.probes}
         tasks = [t for g in groups.values() for t in g]
         training = model.training
@@ -102,9 +103,12 @@ class Periodic:
 
 
 def val_score(record: dict) -> float | None:
-    """The record's validation score of the task it trained (None when it has none)."""
-    cell = record.get("val", {}).get(record["task"])
-    return None if cell is None else float(cell["value"])
+    """The record's validation score of the task it trained (a joint stage: the mean over its tasks;
+    None when it has none)."""
+    val = record.get("val", {})
+    if record["task"] in val:
+        return float(val[record["task"]]["value"])
+    return sum(float(c["value"]) for c in val.values()) / len(val) if val else None
 
 
 def read_records(train_dir: Path) -> list[dict]:
@@ -227,7 +231,7 @@ def select(periodic: Periodic, train_dir: Path, last_step: int) -> dict:
     if last is not None and val_score(last) is not None:
         out["last_val"] = val_score(last)
     if best is not None:
-        out["metric"] = best["val"][best["task"]]["metric"]
+        out["metric"] = next(iter(best["val"].values()))["metric"]
     if periodic.select == "last" or best is None or best["step"] == last_step:
         why = (
             "select=last"

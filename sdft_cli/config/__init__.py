@@ -207,6 +207,10 @@ class Config:
     # The checkpoint that ends each task and starts the next: last, or best_val (the highest score on
     # the task's validation split among the periodic evaluations, eval.every_steps; never the test).
     select: str = "last"
+    # How the tasks are trained: sequential (the curriculum, each task from the previous task's model);
+    # single (each task alone from the base model: the single-task reference of intransigence); joint
+    # (one stage on every task's training rows at once: the multi-task ceiling). sdft report reads all three.
+    curriculum: str = "sequential"
 
     def __post_init__(self) -> None:
         if self.model.source == "hf" and not self.model.path:
@@ -238,6 +242,7 @@ class Config:
                 "method.importance_sampling=on needs sampled rollouts, but rollout.temperature=0"
             )
         _choice("select", self.select, ("last", "best_val"))
+        _choice("curriculum", self.curriculum, ("sequential", "single", "joint"))
         if self.select == "best_val" or (self.eval.every_steps and "val" in self.eval.periodic):
             why = "select=best_val" if self.select == "best_val" else "eval.periodic=[val, ...]"
             if self.select == "best_val" and not self.eval.every_steps:

@@ -113,6 +113,9 @@ class EvalConfig:
     pass_at_k: PassAtKConfig = field(default_factory=PassAtKConfig)
     # The lm-eval prior-capability suite (eval/prior=paper); its benchmarks are matrix columns.
     prior: PriorConfig = field(default_factory=PriorConfig)
+    # After every stage, drift.json: the weights' distance from the base and from the stage's starting
+    # model, and each column's greedy completion lengths and the model's entropy on them (sdft report).
+    drift: bool = True
     # Evaluate every this many optimizer steps of a task, and at its last step (0 = only after each
     # task): records in the task's validation.jsonl and metrics.jsonl, each with its checkpoint.
     every_steps: int = 0
