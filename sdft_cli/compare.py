@@ -335,9 +335,18 @@ except ImportError:  # pragma: no cover
 
 
 class CompareCallback(Callback):  # type: ignore[misc]
-    """Hydra callback: after a multirun, write the comparison report into the sweep directory."""
+    """Hydra callback: after a multirun, write the comparison and the continual-learning report
+    (``sdft report``) into the sweep directory; with ``logger=wandb`` the report also goes to W&B."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        path = write_report(config.hydra.sweep.dir, title=f"Comparison: {config.name}")
+        from sdft_cli.analysis import log_to_wandb
+        from sdft_cli.analysis import write_report as write_page
+
+        sweep = config.hydra.sweep.dir
+        path = write_report(sweep, title=f"Comparison: {config.name}")
         print(path.read_text(), flush=True)
         print(f"[sdft] comparison report: {path}", flush=True)
+        page = write_page(sweep)
+        print(f"[sdft] report: {page}", flush=True)
+        if config.logger.name == "wandb":
+            log_to_wandb(sweep, config.logger.project, config.logger.entity, config.logger.mode)

@@ -99,6 +99,13 @@ def plan(cfg: Config, params: float | None = None) -> dict:
             "max_tokens": r.prompts.max_new_tokens,
         }
     stages = len(tasks) + 1
+    if cfg.curriculum == "joint":  # one stage on every task's rows: the steps of their union
+        stages = 2
+        joint = (
+            steps_per_task(method, sum(t.n_train or 0 for t in tasks)) if all(t.n_train for t in tasks) else 0
+        )
+        for t in tasks:  # each task's share of the joint stage, in proportion to its rows
+            t.steps = round(joint * (t.n_train or 0) / max(sum(u.n_train or 0 for u in tasks), 1))
     per_stage = sum(t.n_test or 0 for t in tasks) + sum(n or 0 for n in probes.values())
     passk = cfg.eval.pass_at_k.n * sum(t.n_test or 0 for t in tasks) if cfg.eval.pass_at_k.k else 0
     # each periodic evaluation: the task's validation rows, and as eval.periodic asks every test and probe
@@ -108,6 +115,7 @@ def plan(cfg: Config, params: float | None = None) -> dict:
     out = {
         "method": method.name,
         "model": cfg.model.name,
+        "curriculum": cfg.curriculum,
         "tasks": [t.__dict__ for t in tasks],
         "probes": probes,
         "eval_stages": stages,

@@ -46,7 +46,11 @@ def test_example_composes_as_written(words, offline_env):
         compose(args)
     elif command == "ls":
         assert not args or args[0] in GROUPS
-    elif command in ("matrix", "compare"):  # they read a run's files: the command and its argument exist
+    elif command in (
+        "matrix",
+        "compare",
+        "report",
+    ):  # they read a run's files: the command and its argument exist
         assert len(args) == 1
         out = CliRunner().invoke(app, [command, "--help"])
         assert out.exit_code == 0, out.output

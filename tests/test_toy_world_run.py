@@ -45,5 +45,9 @@ def test_toy_world_reduced_end_to_end(tmp_path, offline_env):
     report = (sweep / "comparison.md").read_text()
     assert "| method=sdft | 1 |" in report and "| method=sft | 1 |" in report
     assert "## Preconditions" in report
+    # the multirun's callback also wrote the continual-learning report
+    report = json.loads((sweep / "report.json").read_text())
+    assert (sweep / "report.html").is_file() and "fig4_pareto" in report["figures"]
+    assert report["groups"]["method=sdft"]["metrics"]["new_task"]["mean"] == R[1][0]
     summary = json.loads((sweep / "comparison.json").read_text())
     assert summary["groups"]["method=sdft"]["headline"]["new_task"][0] == R[1][0]

@@ -28,3 +28,38 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     atomic_write_json(out / "report.json", {**data, "figures": drawn})
     atomic_write_text(out / "report.md", page.render_markdown(data, drawn))
     return atomic_write_text(out / "report.html", page.render_html(data, drawn, fig_dir))
+
+
+def log_to_wandb(
+    report_dir: str | Path, project: str, entity: str | None = None, mode: str | None = None
+) -> str:
+    """The report's figures (as images), its page (as HTML) and headline numbers in one W&B run of the
+    sweep (``job_type=report``, named after the directory); returns the run's directory."""
+    import json
+    import os
+
+    import wandb
+
+    report_dir = Path(report_dir)
+    data = json.loads((report_dir / "report.json").read_text())
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        name=f"{report_dir.name}-report",
+        job_type="report",
+        dir=str(report_dir),
+        mode=mode or os.environ.get("WANDB_MODE") or "online",
+        config={"root": data["root"], "tasks": data["tasks"], "priors": data["priors"]},
+    )
+    logged: dict = {
+        f"report/{n}": wandb.Image(str(report_dir / "figures" / f"{n}.png")) for n in data["figures"]
+    }
+    logged["report/page"] = wandb.Html((report_dir / "report.html").read_text())
+    run.log(logged)
+    for label, g in data["groups"].items():
+        for metric, m in g["metrics"].items():
+            if m["mean"] is not None:
+                run.summary[f"{label}/{metric}"] = m["mean"]
+    out = run.dir
+    run.finish()
+    return out

@@ -110,7 +110,7 @@ def acquisition_matched(sweep: Sweep) -> list[dict]:
                         continue
                     total += 1
                     hit = nearest(x, cand.get((r.order, k), []))
-                    if hit is not None and abs(hit[0] - x) <= MATCH_TOLERANCE:
+                    if hit is not None and abs(hit[0] - x) <= MATCH_TOLERANCE + 1e-9:
                         matched.append({"stage": k, "x": x, "y": y, "x_matched": hit[0], "y_matched": hit[1]})
             diffs = [m["y"] - m["y_matched"] for m in matched]
             out.append(
