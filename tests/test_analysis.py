@@ -70,6 +70,15 @@ def test_groups_pool_seeds_and_orders_and_keep_references_apart(report):
     ba = g["method=sdft"]["by_order"]["B → A"]["new_task"]
     assert ba == {"mean": pytest.approx(new_task(_runs("sdft", ("B", "A"))[0])), "ci": None, "n": 1}
     assert g["method=dft"]["metrics"]["new_task"]["ci"] is None  # one seed: no interval
+    # references have no sequence: new task and prior average only
+    single, joint = g["reference single: method=sft"]["metrics"], g["reference joint: method=sft"]["metrics"]
+    assert single["new_task"]["mean"] == pytest.approx((0.95 + 0.85) / 2) and single["bwt"]["n"] == 0
+    assert single["prior_avg"]["mean"] == pytest.approx(((0.6 + 0.5) / 2 + (0.6 + 0.4) / 2) / 2)
+    assert (
+        joint["new_task"]["mean"] == pytest.approx((0.9 + 0.8) / 2)
+        and joint["acc"]["mean"] == joint["new_task"]["mean"]
+    )
+    assert joint["prior_avg"]["mean"] == pytest.approx((0.5 + 0.4) / 2) and joint["forgetting_max"]["n"] == 0
 
 
 def test_mean_matrices_skip_nan_cells_and_keep_orders_apart(report):

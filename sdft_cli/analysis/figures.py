@@ -209,8 +209,10 @@ def drift(data: dict, out: Path) -> str | None:
             ks = sorted(int(k) for k in stages)
             ax.plot(ks, [_v(stages[str(k)].get(key)) for k in ks], marker="o", color=colors[g], label=g)
         ax.set_xlabel("stage")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title, fontsize=8)
-    axes[0][0].legend(fontsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=7)
     fig.suptitle("Drift per stage (mean over runs)", fontsize=10)
     return _save(fig, out, "drift")
 

@@ -239,13 +239,30 @@ def load_sweep(root: str | Path) -> Sweep:
 
 
 def run_metrics(run: Run) -> dict[str, float]:
-    """The run's headline numbers at its last evaluated stage."""
+    """The run's headline numbers at its last evaluated stage. A reference has no sequence: for a
+    single-task run "new task" is the mean of R[k, task k] (each a model trained on that task alone) and
+    the prior average the mean over its stages; for a joint run both are read from its one stage."""
     R, T = run.R, len(run.tasks)
-    out = {k: float(v) for k, v in M.summarize(R, T).items() if k in METRICS}
     k = M.last_stage(R)
+    nan = float("nan")
+    if run.curriculum == "joint":
+        out = {m: nan for m in METRICS}
+        out.update(
+            new_task=float(np.mean(R[1, :T])) if k >= 1 else nan, prior_avg=M.prior_avg(R, T, 1) if k else nan
+        )
+        out.update(acc=out["new_task"], prior_delta=M.prior_delta(R, T, 1) if k else nan, stage1=nan)
+        return out
     diag = [R[j, j - 1] for j in range(1, min(k, T) + 1)]
-    out["new_task"] = float(np.nanmean(diag)) if finite(diag) else float("nan")
-    out["stage1"] = float(R[1, 0]) if R.shape[0] > 1 else float("nan")
+    if run.curriculum == "single":
+        out = {m: nan for m in METRICS}
+        out["new_task"] = float(np.nanmean(diag)) if finite(diag) else nan
+        out["prior_avg"] = float(np.mean([M.prior_avg(R, T, j) for j in range(1, k + 1)])) if k else nan
+        out["prior_delta"] = float(np.mean([M.prior_delta(R, T, j) for j in range(1, k + 1)])) if k else nan
+        out["stage1"] = nan
+        return out
+    out = {key: float(v) for key, v in M.summarize(R, T).items() if key in METRICS}
+    out["new_task"] = float(np.nanmean(diag)) if finite(diag) else nan
+    out["stage1"] = float(R[1, 0]) if k >= 1 else nan
     return out
 
 
