@@ -26,7 +26,11 @@ REDUCED = [
 def test_toy_world_reduced_end_to_end(tmp_path, offline_env):
     out = sdft("run", "experiment=toy_world", f"runs_root={tmp_path}", *REDUCED, cwd=tmp_path, timeout=900)
     sweep = tmp_path / "toy_world"
-    runs = {yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())[0]: d for d in sweep.glob("*/")}
+    runs = {
+        yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())[0]: d
+        for d in sweep.iterdir()
+        if (d / ".hydra").is_dir()
+    }
     assert set(runs) == {"method=sdft", "method=sft"}, sorted(runs)
 
     # the paper's precondition, after pretraining: the teacher with the demonstration is far ahead
