@@ -9,6 +9,7 @@ suite does not run it again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -39,7 +40,13 @@ def task_manager(cfg: PriorConfig):
     for p in paths:
         if not p.is_dir():
             raise ConfigError(f"eval.prior.include_path: no directory {p}")
-    return TaskManager(include_path=[str(p) for p in paths] or None)
+    return _index(TaskManager, tuple(str(p.resolve()) for p in paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _index(task_manager_cls, paths: tuple[str, ...]):
+    """One index per set of include paths per process: building it reads every task YAML (~10 s)."""
+    return task_manager_cls(include_path=list(paths) or None)
 
 
 def _leaves(tm, name: str, seen: set[str] | None = None) -> Iterator[tuple[str, dict]]:
