@@ -112,6 +112,19 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a log written by ``append_jsonl`` ([] when it does not exist); a torn last line
+    of an interrupted write is left out."""
+    out, path = [], Path(path)
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``path`` only if the block finishes.

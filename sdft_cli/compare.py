@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 
 from sdft_cli import metrics as M
+from sdft_cli.analysis import stats
+from sdft_cli.analysis.sweep import validation_scores
 from sdft_cli.artifacts import atomic_write_json, atomic_write_text, read_json
 from sdft_cli.errors import RunDirError
 
@@ -62,16 +64,10 @@ class Group:
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, int]:
-    """Mean and half-width of the two-sided Student-t interval (NaN half-width for one value)."""
-    from scipy import stats
-
-    x = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if x.size == 0:
-        return float("nan"), float("nan"), 0
-    if x.size == 1:
-        return float(x[0]), float("nan"), 1
-    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean()), float(half), int(x.size)
+    """(mean, half-width of the two-sided Student-t interval, n); NaN for what is undefined."""
+    m = stats.mean_ci(values, confidence)
+    nan = float("nan")
+    return (nan if m["mean"] is None else m["mean"]), (nan if m["ci"] is None else m["ci"]), m["n"]
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -113,23 +109,11 @@ def collect(sweep_dir: str | Path) -> list[Group]:
         rec = RunRecord(
             run_dir, int(data["meta"].get("seed", 0)), data, read_json(pre) if pre.is_file() else None
         )
-        rec.val = _validation(run_dir)
+        rec.val = validation_scores(run_dir)
         groups.setdefault(label, Group(label)).runs.append(rec)
     if not groups:
         raise RunDirError(f"{root}: no runs (no matrix.json below it)")
     return list(groups.values())
-
-
-def _validation(run_dir: Path) -> dict[str, float]:
-    """Each finished task's validation score at the checkpoint that ended it (``selection.json``; a
-    two-phase method keeps it in its first phase's directory)."""
-    out = {}
-    for path in sorted(run_dir.glob("t*_*/train/**/selection.json")):
-        stage = path.relative_to(run_dir).parts[0]
-        sel = read_json(path)
-        if sel.get("val") is not None:
-            out[stage.split("_", 1)[1]] = float(sel["val"])
-    return out
 
 
 def _family(label: str, rec: RunRecord) -> str:
@@ -143,21 +127,14 @@ def _family(label: str, rec: RunRecord) -> str:
 def select_on_validation(groups: list[Group]) -> dict:
     """Per method, the group with the highest mean validation score over its seeds (a group lacking a
     validation score for any run cannot be chosen); ties go to the first group in label order."""
-    families: dict[str, list[tuple[str, float]]] = {}
+    candidates: dict[str, dict[str, float | None]] = {}
     for g in sorted(groups, key=lambda g: g.label):
         scores = [r.val_score for r in g.runs]
-        mean = float(np.mean(scores)) if scores and not any(math.isnan(x) for x in scores) else float("nan")
-        families.setdefault(_family(g.label, g.runs[0]), []).append((g.label, mean))
-    out = {}
-    for family, cands in families.items():
-        valid = [c for c in cands if not math.isnan(c[1])]
-        best = max(valid, key=lambda c: c[1]) if valid else None
-        out[family] = {
-            "selected": best[0] if best else None,
-            "val": best[1] if best else None,
-            "candidates": {label: (None if math.isnan(v) else v) for label, v in cands},
-        }
-    return out
+        ok = scores and not any(math.isnan(x) for x in scores)
+        candidates.setdefault(_family(g.label, g.runs[0]), {})[g.label] = (
+            float(np.mean(scores)) if ok else None
+        )
+    return stats.best_per_method(candidates)
 
 
 def run_figures(rec: RunRecord) -> dict:

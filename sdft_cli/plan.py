@@ -99,19 +99,25 @@ def plan(cfg: Config, params: float | None = None) -> dict:
             "max_tokens": r.prompts.max_new_tokens,
         }
     stages = len(tasks) + 1
-    if cfg.curriculum == "joint":  # one stage on every task's rows: the steps of their union
-        stages = 2
-        joint = (
-            steps_per_task(method, sum(t.n_train or 0 for t in tasks)) if all(t.n_train for t in tasks) else 0
-        )
-        for t in tasks:  # each task's share of the joint stage, in proportion to its rows
-            t.steps = round(joint * (t.n_train or 0) / max(sum(u.n_train or 0 for u in tasks), 1))
+    evals_val = sum(t.periodic * (t.n_val or 0) for t in tasks)  # validation rows scored, all stages
+    evals = sum(t.periodic for t in tasks)  # periodic evaluations, all stages
+    if cfg.curriculum == "joint" and all(t.n_train for t in tasks):
+        # one stage on every task's rows: the steps of their union, shared in proportion to the rows
+        stages, rows = 2, sum(t.n_train or 0 for t in tasks)
+        joint = steps_per_task(method, rows)
+        for t in tasks:
+            t.steps = round(joint * (t.n_train or 0) / rows)
+            t.completions = t.steps * method.prompts_per_step * n
+            t.generations = (t.n_train or 0) * n if fixed else (t.completions if sdft else 0)
+            t.periodic = 0
+        evals = joint // every + (1 if joint % every else 0) if every else 0
+        evals_val = evals * sum(t.n_val or 0 for t in tasks)  # each joint evaluation scores every task's
     per_stage = sum(t.n_test or 0 for t in tasks) + sum(n or 0 for n in probes.values())
     passk = cfg.eval.pass_at_k.n * sum(t.n_test or 0 for t in tasks) if cfg.eval.pass_at_k.k else 0
-    # each periodic evaluation: the task's validation rows, and as eval.periodic asks every test and probe
+    # each periodic evaluation: the stage's validation rows, and as eval.periodic asks every test and probe
     also = ("test" in cfg.eval.periodic) * sum(t.n_test or 0 for t in tasks)
     also += ("probes" in cfg.eval.periodic) * sum(v or 0 for v in probes.values())
-    periodic = sum(t.periodic * (("val" in cfg.eval.periodic) * (t.n_val or 0) + also) for t in tasks)
+    periodic = ("val" in cfg.eval.periodic) * evals_val + evals * also
     out = {
         "method": method.name,
         "model": cfg.model.name,

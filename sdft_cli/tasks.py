@@ -12,7 +12,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sdft_cli.config import ColumnsConfig, Config, SDFTConfig, SFTReinvokeConfig, TaskConfig
 from sdft_cli.errors import DataError
@@ -63,11 +63,9 @@ class JointTask(Task):
     Its validation rows are each task's; evaluation scores the tasks themselves."""
 
     def __init__(self, parts: dict[str, Task], method_template: str | None):
-        import dataclasses as dc
-
         first = next(iter(parts.values()))
         longest = max(t.cfg.max_new_tokens for t in parts.values())
-        cfg = dc.replace(first.cfg, max_new_tokens=longest, teacher_template=None)
+        cfg = replace(first.cfg, max_new_tokens=longest, teacher_template=None)
         super().__init__(name="joint", cfg=cfg, train=[ex for t in parts.values() for ex in t.train])
         self.parts = parts
         self._owner = {id(ex): t for t in parts.values() for ex in t.train}

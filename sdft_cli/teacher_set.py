@@ -11,13 +11,14 @@ where on-policy SDFT samples anew every step. The set is a stage artifact
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdft_cli import distributed
-from sdft_cli.artifacts import atomic_dir, read_manifest, verified, write_manifest
+from sdft_cli.artifacts import atomic_dir, read_jsonl, read_manifest, verified, write_manifest
 from sdft_cli.rollout import Rollouts, Sampling
 from sdft_cli.schedule import step_seed
 
@@ -55,7 +56,7 @@ def path(train_dir: Path) -> Path:
 
 def build(
     train_dir: Path,
-    engine,
+    make_engine: Callable[[], object],
     sampler: torch.nn.Module,
     contexts: list[list[int]],
     sampling: Sampling,
@@ -65,12 +66,15 @@ def build(
     stage: int,
 ) -> TeacherSet:
     """The task's set: loaded when complete, else sampled from ``sampler`` on ``contexts`` (the teacher
-    contexts of the training rows) and written (rank 0; every rank reads the same file)."""
+    contexts of the training rows) by the engine ``make_engine`` builds (only then) and written (rank 0;
+    every rank reads the same file)."""
     out = path(train_dir)
     dist = distributed.current()
     if not distributed.from_main(dist.main and verified(out)):
         if dist.main:  # before sharding: the sampler's weights are whole on every rank
-            _sample(out, engine, sampler, contexts, sampling, per_prompt, step_seed(seed, stage, SEED_STEP))
+            _sample(
+                out, make_engine(), sampler, contexts, sampling, per_prompt, step_seed(seed, stage, SEED_STEP)
+            )
         distributed.barrier()
     return load(out)
 
@@ -94,7 +98,7 @@ def _sample(out: Path, engine, sampler, contexts, sampling: Sampling, per_prompt
 
 def load(out: Path) -> TeacherSet:
     per_prompt = int(read_manifest(out)["per_prompt"])
-    rows = [json.loads(x) for x in (out / FILE).read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(out / FILE)
     return TeacherSet(
         per_prompt,
         [r["ids"] for r in rows],

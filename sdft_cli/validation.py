@@ -14,7 +14,6 @@ model. Evaluations write no optimizer state of their own: resumable checkpoints 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sdft_cli import distributed
-from sdft_cli.artifacts import atomic_write_json, read_json
+from sdft_cli.artifacts import atomic_dir, atomic_write_json, read_json, read_jsonl
 from sdft_cli.engines.hf import inference_copy
 from sdft_cli.evaluate import EvalContext, evaluate_many
 from sdft_cli.logger import append_jsonl, rewind_jsonl
@@ -48,6 +47,10 @@ class Periodic:
     probes: list[Task] = field(default_factory=list)
     # a directory with the model's architecture, for a vLLM evaluation engine that is not running yet
     source: Path | str | None = None
+    # a sharded student's whole weights at the last evaluation (rank 0), for keeping them as the best
+    gathered: dict | None = field(default=None, repr=False)
+    # rank 0's whole (unsharded) copy of a sharded student, the model evaluations decode with
+    _whole: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def keeps_best(self) -> bool:
@@ -55,9 +58,6 @@ class Periodic:
 
     def due(self, step: int, total: int) -> bool:
         return step == total or step % self.every == 0
-
-    # a sharded student's whole weights at the last evaluation (rank 0), for keeping them as the best
-    gathered: dict | None = field(default=None, repr=False)
 
     def evaluate(self, model: torch.nn.Module, *, stage: int, step: int) -> dict | None:
         """Score ``model`` as it is at ``step``; the record that ``validation.jsonl`` keeps. Every rank
@@ -73,12 +73,13 @@ class Periodic:
             state = distributed.full_state(model)  # every rank takes part; rank 0 gets the weights
             if not distributed.current().main:
                 return None
-            from sdft_cli.models import load_model
+            if self._whole is None:  # loaded once per task: every evaluation refills it
+                from sdft_cli.models import load_model
 
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            copy = load_model(self.source, dtype, trust_remote_code=self.evals.trust_remote_code)
-            distributed.load_full_state(copy, state)
-            copy = inference_copy(copy, self.evals.dtype).eval()
+                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                self._whole = load_model(self.source, dtype, trust_remote_code=self.evals.trust_remote_code)
+            distributed.load_full_state(self._whole, state)
+            copy = inference_copy(self._whole, self.evals.dtype).eval()
             self.gathered = state
         else:
             model.eval()
@@ -112,16 +113,7 @@ def val_score(record: dict) -> float | None:
 
 
 def read_records(train_dir: Path) -> list[dict]:
-    path = train_dir / RECORDS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of an interrupted write
-            continue
-    return out
+    return read_jsonl(train_dir / RECORDS)
 
 
 def best_record(records: list[dict]) -> dict | None:
@@ -169,11 +161,11 @@ def commit(
         _log(logger, record)
 
 
-def _replace_best(tmp: Path, root: Path, step: int) -> Path:
-    """Move a complete ``tmp`` into place as ``best_step_N`` and drop the older best."""
+def _keep(root: Path, step: int, fill) -> Path:
+    """``best_step_N`` written by ``fill(directory)`` (atomically), then the older best dropped."""
     out = root / f"{BEST}{step:06d}"
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        fill(tmp)
     for old in root.glob(f"{BEST}*"):
         if old != out:
             shutil.rmtree(old, ignore_errors=True)
@@ -185,26 +177,22 @@ def save_weights(model: torch.nn.Module, tokenizer, root: Path, step: int, state
     sharded student's gathered weights."""
     from sdft_cli.checkpoint import save_model
 
-    tmp = root / f".{BEST}{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer, state)
-    return _replace_best(tmp, root, step)
+    return _keep(root, step, lambda tmp: save_model(tmp, model, tokenizer, state))
 
 
 def keep_weights(model_dir: Path, root: Path, step: int) -> Path:
     """Hard-link a checkpoint's model files into ``best_step_N`` (no copy; they outlive the checkpoint's
     pruning), then drop the older best."""
-    tmp = root / f".{BEST}{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for p in model_dir.iterdir():
-        if p.is_file():
-            try:
-                os.link(p, tmp / p.name)
-            except OSError:  # a filesystem without hard links
-                shutil.copy2(p, tmp / p.name)
-    return _replace_best(tmp, root, step)
+
+    def link(tmp: Path) -> None:
+        for p in model_dir.iterdir():
+            if p.is_file():
+                try:
+                    os.link(p, tmp / p.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(p, tmp / p.name)
+
+    return _keep(root, step, link)
 
 
 def kept_weights(root: Path) -> tuple[int, Path] | None:
@@ -252,8 +240,8 @@ def select(periodic: Periodic, train_dir: Path, last_step: int) -> dict:
                 f"highest validation {out['metric']} ({val_score(best):.4f}) of {len(records)} evaluations; "
                 f"the last step scored {out.get('last_val', float('nan')):.4f}"
             )
-    if best is not None and "val" not in out:
-        out["val"] = val_score(next(r for r in records if r["step"] == out["step"]))
+    if best is not None and "val" not in out:  # the last step's weights end the task
+        out["val"] = out.get("last_val")
     atomic_write_json(train_dir / SELECTION, out)
     return out
 

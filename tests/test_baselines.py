@@ -102,11 +102,11 @@ def test_offline_distillation_trains_on_one_fixed_set_of_teacher_samples(tiny_mo
     before = (teacher_set.path(train_dir) / teacher_set.FILE).read_bytes()
     engine_calls = []
 
-    class Refuse:
-        def push(self, model):
-            engine_calls.append("push")
+    class Refuse:  # an engine that must not be built: the complete set is read back
+        def __init__(self):
+            engine_calls.append("built")
 
-    again = teacher_set.build(train_dir, Refuse(), None, [], None, per_prompt=2, seed=0, stage=1)
+    again = teacher_set.build(train_dir, Refuse, None, [], None, per_prompt=2, seed=0, stage=1)
     assert engine_calls == [] and again.texts == fixed.texts
     assert (teacher_set.path(train_dir) / teacher_set.FILE).read_bytes() == before
     with pytest.raises(ConfigError, match="teacher_samples=fixed"):

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from sdft_cli.analysis import paired
-from sdft_cli.analysis.stats import mean_ci, pareto_front, retention
+from sdft_cli.analysis.stats import best_per_method, mean_ci, pareto_front, retention
 from sdft_cli.analysis.sweep import METRICS, Sweep, finite, run_metrics
 
 TAUS = [round(i / 100, 2) for i in range(0, 101)]
@@ -269,16 +269,12 @@ def references_section(sweep: Sweep, groups: dict) -> dict:
 
 def selection_section(groups: dict) -> dict:
     """Per method, the sequential group with the highest mean validation score (none without one)."""
-    out: dict = {}
+    candidates: dict[str, dict[str, float | None]] = {}
     for label, d in groups.items():
-        if d["kind"] != "sequential":
-            continue
-        fam = out.setdefault(d["method"], {"selected": None, "val": None, "candidates": {}})
-        v = d["val"]["mean"] if d["val"]["n"] == len(d["runs"]) else None
-        fam["candidates"][label] = v
-        if v is not None and (fam["val"] is None or v > fam["val"]):
-            fam["selected"], fam["val"] = label, v
-    return out
+        if d["kind"] == "sequential":
+            every = d["val"]["n"] == len(d["runs"])  # a group lacking a run's score cannot be chosen
+            candidates.setdefault(d["method"], {})[label] = d["val"]["mean"] if every else None
+    return best_per_method(candidates)
 
 
 def provenance_section(sweep: Sweep) -> dict:

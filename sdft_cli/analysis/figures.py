@@ -37,6 +37,17 @@ def _v(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _single(size: tuple[float, float] = (6.5, 4.8)):
+    return _plt().subplots(figsize=size, layout="constrained")
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str, legend: int = 7) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend)
+
+
 def _grid(n: int, cols: int = 3):
     plt = _plt()
     rows = max(1, math.ceil(n / cols))
@@ -98,8 +109,7 @@ def pareto(data: dict, out: Path) -> str | None:
     pts = data["pareto"]
     if not pts:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 5.5), layout="constrained")
+    fig, ax = _single((7, 5.5))
     colors = _colors(sorted({p["method"] for p in pts}))
     for p in pts:
         x, y = _v(p["x"]["mean"]) * 100, _v(p["y"]["mean"]) * 100
@@ -123,18 +133,15 @@ def pareto(data: dict, out: Path) -> str | None:
         ax.plot([], [], "o", color=c, label=m)
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
-    ax.set_xlabel("new-task accuracy (%)")
-    ax.set_ylabel("prior-capability average (%)")
-    ax.set_title("New-task accuracy vs prior capabilities (paper Fig. 4)\nfilled: on the front; bars: 95% CI")
-    ax.legend(fontsize=8)
+    title = "New-task accuracy vs prior capabilities (paper Fig. 4)\nfilled: on the front; bars: 95% CI"
+    _label(ax, "new-task accuracy (%)", "prior-capability average (%)", title, legend=8)
     return _save(fig, out, "fig4_pareto")
 
 
 def pass_at_k(data: dict, out: Path) -> str | None:
     if not data["pass_at_k"]:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8), layout="constrained")
+    fig, ax = _single()
     colors = _colors(list(data["pass_at_k"]))
     base_drawn = False
     for group, d in data["pass_at_k"].items():
@@ -145,10 +152,7 @@ def pass_at_k(data: dict, out: Path) -> str | None:
             ax.plot(kb, [d["base"][str(k)] for k in kb], marker="s", color="k", ls="--", label="base")
             base_drawn = True
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.set_title("pass@k of each task right after its training (paper Fig. 5 right)")
-    ax.legend(fontsize=7)
+    _label(ax, "k", "pass@k", "pass@k of each task right after its training (paper Fig. 5 right)")
     return _save(fig, out, "fig5_pass_at_k")
 
 
@@ -156,16 +160,14 @@ def kl_vs_new(data: dict, out: Path) -> str | None:
     pts = [p for p in data["kl_vs_new"] if p["kl"] is not None and p["new_task"] is not None]
     if not pts:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8), layout="constrained")
+    fig, ax = _single()
     colors = _colors(sorted({p["group"] for p in pts}))
     for g, c in colors.items():
         sub = [p for p in pts if p["group"] == g]
         ax.scatter([p["kl"] for p in sub], [100 * p["new_task"] for p in sub], color=c, s=14, label=g)
-    ax.set_xlabel("KL(base ‖ model) per token on the task's prompts (nats)")
-    ax.set_ylabel("accuracy on the task just trained (%)")
-    ax.set_title("Distance from the base vs new-task accuracy, per run and stage")
-    ax.legend(fontsize=6)
+    x = "KL(base ‖ model) per token on the task's prompts (nats)"
+    title = "Distance from the base vs new-task accuracy, per run and stage"
+    _label(ax, x, "accuracy on the task just trained (%)", title, legend=6)
     return _save(fig, out, "kl_vs_new_task")
 
 
@@ -173,18 +175,17 @@ def retention(data: dict, out: Path) -> str | None:
     curves = data["retention"]["curves"]
     if not curves:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8), layout="constrained")
+    fig, ax = _single()
     colors = _colors(list(curves))
     taus = [100 * t for t in data["retention"]["taus"]]
     for g, ys in curves.items():
         ax.plot(taus, [_v(y) for y in ys], color=colors[g], label=g)
-    ax.set_xlabel("tolerance τ (points below the base)")
-    ax.set_ylabel("share of prior-capability evaluations retained")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 1.02)
-    ax.set_title("Retention at tolerance: base − value ≤ τ, every stage and prior column")
-    ax.legend(fontsize=6)
+    title = "Retention at tolerance: base − value ≤ τ, every stage and prior column"
+    _label(
+        ax, "tolerance τ (points below the base)", "share of prior-capability evaluations retained", title, 6
+    )
     return _save(fig, out, "retention")
 
 
@@ -251,8 +252,7 @@ def attractor(data: dict, out: Path) -> str | None:
     fits = {m: f for m, f in data["attractor"].items() if m != "all" and f["points"]}
     if not fits:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8), layout="constrained")
+    fig, ax = _single()
     colors = _colors(list(fits))
     for m, f in fits.items():
         xs, ys = [100 * _v(x) for x, _ in f["points"]], [100 * _v(y) for _, y in f["points"]]
@@ -260,10 +260,8 @@ def attractor(data: dict, out: Path) -> str | None:
         if f["slope"] is not None:
             grid = np.linspace(min(xs), max(xs), 10)
             ax.plot(grid, f["intercept"] * 100 + f["slope"] * grid, color=colors[m], lw=1)
-    ax.set_xlabel("stage-1 accuracy on its task (%)")
-    ax.set_ylabel("BWT at the last stage (points)")
-    ax.set_title("Attractor check: BWT against how high stage 1 ended")
-    ax.legend(fontsize=7)
+    title = "Attractor check: BWT against how high stage 1 ended"
+    _label(ax, "stage-1 accuracy on its task (%)", "BWT at the last stage (points)", title)
     return _save(fig, out, "attractor")
 
 

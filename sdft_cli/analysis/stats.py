@@ -24,6 +24,18 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     return {"mean": float(x.mean()), "ci": float(half), "n": int(x.size)}
 
 
+def best_per_method(candidates: dict[str, dict[str, float | None]]) -> dict:
+    """Selection on validation: per method, among its candidate settings (label -> mean validation
+    score, None when a run lacks one), the highest score; ties go to the first label."""
+    out = {}
+    for method, scores in candidates.items():
+        valid = [(label, v) for label, v in scores.items() if v is not None and not math.isnan(v)]
+        best = max(valid, key=lambda c: c[1]) if valid else None
+        out[method] = {"selected": best[0] if best else None, "val": best[1] if best else None}
+        out[method]["candidates"] = dict(scores)
+    return out
+
+
 def mcnemar(a: list[float], b: list[float]) -> dict:
     """Exact two-sided McNemar test on paired binary outcomes (1 = correct): ``b01`` items only A got
     right, ``b10`` only B; p = 2 · P(X ≤ min) for X ~ Binomial(b01 + b10, 1/2), capped at 1."""

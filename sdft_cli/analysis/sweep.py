@@ -12,7 +12,6 @@ drift and KL to the base, and the optimizer steps of every stage (its training m
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import yaml
 
 from sdft_cli import metrics as M
-from sdft_cli.artifacts import read_json
+from sdft_cli.artifacts import read_json, read_jsonl
 from sdft_cli.errors import RunDirError
 
 # Overrides that never split groups: the seed, and where and how a run was logged.
@@ -38,17 +37,6 @@ def _key(override: str) -> str:
 def _overrides(run_dir: Path) -> list[str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
-
-
-def _jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line
-                continue
-    return out
 
 
 def _f(v) -> float:
@@ -138,6 +126,17 @@ class Run:
         return out
 
 
+def validation_scores(run_dir: Path) -> dict[str, float]:
+    """Each finished task's validation score at the checkpoint that ended it (``selection.json``; a
+    two-phase method keeps it in its first phase's directory), by the stage's name."""
+    out = {}
+    for path in sorted(run_dir.glob("t*_*/train/**/selection.json")):
+        sel = read_json(path)
+        if sel.get("val") is not None:
+            out[path.relative_to(run_dir).parts[0].split("_", 1)[1]] = float(sel["val"])
+    return out
+
+
 def load_run(run_dir: Path) -> Run:
     run = Run(run_dir, _overrides(run_dir), read_json(run_dir / "matrix.json"))
     names = run.meta.get("stages") or run.tasks
@@ -149,17 +148,14 @@ def load_run(run_dir: Path) -> Run:
             run.steps[k] = int(info.get("steps", 0))
         records = []
         for path in sorted((stage_dir / "train").glob("**/validation.jsonl")):
-            records += _jsonl(path)
+            records += read_jsonl(path)
         if records:
             run.periodic[k] = sorted(records, key=lambda r: r["step"])
-        for path in sorted((stage_dir / "train").glob("**/selection.json")):
-            sel = read_json(path)
-            if sel.get("val") is not None:
-                run.val[name] = float(sel["val"])
+    run.val = validation_scores(run_dir)
     for k in range(0, run.stages + 1):
         eval_dir = run_dir / ("t00_base" if k == 0 else f"t{k:02d}_{names[k - 1]}") / "eval"
         for column in run.columns:
-            rows = _jsonl(eval_dir / "predictions" / f"{column}.jsonl")
+            rows = read_jsonl(eval_dir / "predictions" / f"{column}.jsonl")
             if rows:
                 run.items[(k, column)] = [float(r.get("score", 0.0)) for r in rows]
         if (eval_dir / "pass_at_k.json").is_file():

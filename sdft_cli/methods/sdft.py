@@ -81,18 +81,32 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         teacher.load_weights(ctx.teacher_init, ctx.trust_remote_code)
     sampler = student if on_policy else teacher.model
     device = ctx.device or next(student.parameters()).device
-    engine = ctx.engines.for_training(  # before sharding: each rank decodes with whole weights
-        sampler,
-        device=device,
-        work_dir=ctx.train_dir,
-        source_dir=ctx.previous_dir or ctx.base_dir,
-        whole_copy=dist.enabled,
-    )
-    fixed = None  # offline distillation on a fixed set: the task's starting teacher samples it once
-    if cfg.generate_from == "teacher" and cfg.teacher_samples == "fixed":
-        fixed = teacher_set.build(
-            ctx.train_dir, engine, sampler, teacher_ctx, sample, per_prompt=n, seed=ctx.seed, stage=ctx.stage
+
+    def make_engine():  # before sharding: each rank decodes with whole weights
+        return ctx.engines.for_training(
+            sampler,
+            device=device,
+            work_dir=ctx.train_dir,
+            source_dir=ctx.previous_dir or ctx.base_dir,
+            whole_copy=dist.enabled,
         )
+
+    fixed = engine = None
+    if cfg.generate_from == "teacher" and cfg.teacher_samples == "fixed":
+        # offline distillation on a fixed set: the task's starting teacher samples it once (or a
+        # resumed task reads it); no engine is kept for the steps
+        fixed = teacher_set.build(
+            ctx.train_dir,
+            make_engine,
+            sampler,
+            teacher_ctx,
+            sample,
+            per_prompt=n,
+            seed=ctx.seed,
+            stage=ctx.stage,
+        )
+    else:
+        engine = make_engine()
     if dist.enabled:
         distributed.shard(student, device)
         teacher.shard(device)
@@ -117,6 +131,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             if fixed is not None:
                 ro = fixed.rollouts(rows, [k for _ in idx for k in range(n)], ctx.pad_id)
             else:
+                assert engine is not None
                 engine.push(sampler)
                 ro = engine.generate([sample_ctx[i] for i in rows], sample)
                 engine.release()  # the engine's memory goes back to the trainer until the next push

@@ -43,16 +43,15 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
         teacher_ctx = [
             left_truncate(encode_messages(tok, task.teacher(ex, template)), cut) for ex in task.train
         ]
-        engine = ctx.engines.for_training(
-            student,
-            device=device,
-            work_dir=ctx.train_dir,
-            source_dir=ctx.previous_dir or ctx.base_dir,
-            whole_copy=distributed.current().enabled,
-        )
         fixed = teacher_set.build(
             ctx.train_dir,
-            engine,
+            lambda: ctx.engines.for_training(  # built only when the set is not there yet
+                student,
+                device=device,
+                work_dir=ctx.train_dir,
+                source_dir=ctx.previous_dir or ctx.base_dir,
+                whole_copy=distributed.current().enabled,
+            ),
             student,
             teacher_ctx,
             sampling(ctx, task),
