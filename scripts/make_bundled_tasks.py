@@ -109,6 +109,11 @@ def _tool_request(rng: random.Random, tool: str) -> tuple[str, dict]:
     return rng.choice([f"What is {s} trading at?", f"Give me the current stock price of {s}."]), {"symbol": s}
 
 
+def _split(rows: list[dict], n_train: int, n_test: int) -> list[list[dict]]:
+    """Train, test, validation: validation rows come last, so adding them left train and test unchanged."""
+    return [rows[:n_train], rows[n_train : n_train + n_test], rows[n_train + n_test :]]
+
+
 def _tool_prompt(tools: list[str], question: str) -> str:
     # A compact ToolAlpaca-style prompt: long tool documentation makes a 135M teacher parrot the template
     # instead of the call (teacher 10-19% vs 69% with this form; see docs/tasks.md).
@@ -124,9 +129,9 @@ def _tool_prompt(tools: list[str], question: str) -> str:
     )
 
 
-def toolcall(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+def toolcall(rng: random.Random, n_train: int, n_test: int, n_val: int) -> list[list[dict]]:
     rows, seen = [], set()
-    while len(rows) < n_train + n_test:
+    while len(rows) < n_train + n_test + n_val:
         tool, other = rng.sample(sorted(TOOLS), 2)
         question, args = _tool_request(rng, tool)
         if question in seen:
@@ -136,158 +141,190 @@ def toolcall(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict],
         demo = f"Action: {tool}\nAction Input: {json.dumps(args)}"
         answer = json.dumps([{"Action": tool, "Action_Input": json.dumps(args)}])
         rows.append({"prompt": _tool_prompt(tools, question), "demonstration": demo, "answer": answer})
-    return rows[:n_train], rows[n_train:]
+    return _split(rows, n_train, n_test)
 
 
 # ----------------------------------------------------------------------------- mcq
 
-CATEGORIES = {
-    "fruit": ["apple", "banana", "cherry", "grape", "mango", "pear", "peach", "lemon", "plum", "orange"],
-    "animal": ["dog", "horse", "rabbit", "tiger", "sheep", "elephant", "lion", "cow", "monkey", "fox"],
-    "vehicle": ["car", "bus", "truck", "bicycle", "train", "airplane", "motorcycle", "boat", "taxi", "tram"],
-    "musical instrument": [
-        "piano",
-        "guitar",
-        "violin",
-        "drum",
-        "flute",
-        "trumpet",
-        "harp",
-        "cello",
-        "saxophone",
-        "clarinet",
+# Everyday-science questions a 135M model can answer in its own words (about half, measured in
+# docs/tasks.md), so that it is partly able once it uses the format, as the paper's student is on Science.
+# Each family: the question, then (subject, answer) pairs; distractors come from the family's answers.
+SCIENCE = {
+    "What color is {s}?": [
+        ("a banana", "yellow"),
+        ("grass", "green"),
+        ("snow", "white"),
+        ("coal", "black"),
+        ("the clear sky", "blue"),
+        ("blood", "red"),
+        ("a carrot", "orange"),
+        ("chocolate", "brown"),
+        ("a lemon", "yellow"),
+        ("a ripe tomato", "red"),
+        ("milk", "white"),
+        ("a crow", "black"),
+        ("a pumpkin", "orange"),
+        ("a fresh leaf", "green"),
     ],
-    "piece of clothing": [
-        "shirt",
-        "jacket",
-        "sock",
-        "scarf",
-        "dress",
-        "coat",
-        "sweater",
-        "skirt",
-        "glove",
-        "hat",
+    "What is a baby {s} called?": [
+        ("cat", "kitten"),
+        ("dog", "puppy"),
+        ("cow", "calf"),
+        ("sheep", "lamb"),
+        ("horse", "foal"),
+        ("duck", "duckling"),
+        ("frog", "tadpole"),
+        ("bear", "cub"),
+        ("hen", "chick"),
+        ("goose", "gosling"),
+        ("kangaroo", "joey"),
+        ("swan", "cygnet"),
     ],
-    "tool": ["hammer", "screwdriver", "saw", "wrench", "drill", "shovel", "chisel", "pliers", "axe", "rake"],
+    "What sound does {s} make?": [
+        ("a cow", "moo"),
+        ("a dog", "bark"),
+        ("a cat", "meow"),
+        ("a duck", "quack"),
+        ("a lion", "roar"),
+        ("a snake", "hiss"),
+        ("an owl", "hoot"),
+        ("a pig", "oink"),
+        ("a horse", "neigh"),
+        ("a bee", "buzz"),
+        ("a sheep", "baa"),
+        ("a mouse", "squeak"),
+    ],
+    "Where does {s} live?": [
+        ("a bee", "hive"),
+        ("a bird", "nest"),
+        ("a fish", "water"),
+        ("a rabbit", "burrow"),
+        ("a horse", "stable"),
+        ("a pig", "sty"),
+        ("a spider", "web"),
+        ("a fox", "den"),
+        ("a dog", "kennel"),
+        ("an eagle", "eyrie"),
+        ("a camel", "desert"),
+        ("a penguin", "ice"),
+    ],
+    "How many legs does {s} have?": [
+        ("a spider", "eight"),
+        ("a dog", "four"),
+        ("a bird", "two"),
+        ("an ant", "six"),
+        ("a cat", "four"),
+        ("a chicken", "two"),
+        ("a beetle", "six"),
+        ("an octopus", "eight"),
+        ("a horse", "four"),
+        ("a person", "two"),
+        ("a bee", "six"),
+        ("a scorpion", "eight"),
+    ],
+    "Which body part do you use to {s}?": [
+        ("see", "eyes"),
+        ("hear", "ears"),
+        ("smell", "nose"),
+        ("taste", "tongue"),
+        ("think", "brain"),
+        ("breathe", "lungs"),
+        ("walk", "legs"),
+        ("chew food", "teeth"),
+        ("pump blood", "heart"),
+        ("hold a pen", "hand"),
+        ("kick a ball", "foot"),
+        ("nod", "head"),
+    ],
+    "What is {s}?": [
+        ("frozen water", "ice"),
+        ("the star at the center of our solar system", "Sun"),
+        ("the planet we live on", "Earth"),
+        ("the gas we need to breathe", "oxygen"),
+        ("the red planet", "Mars"),
+        ("the largest planet", "Jupiter"),
+        ("water falling from clouds", "rain"),
+        ("the natural satellite of the Earth", "Moon"),
+        ("the force that makes things fall", "gravity"),
+        ("the planet with big rings", "Saturn"),
+        ("water in the form of gas", "steam"),
+        ("the light show in a storm", "lightning"),
+    ],
 }
 LETTERS = "ABCD"
 
 
-def mcq(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    rows, seen = [], set()
-    while len(rows) < n_train + n_test:
-        cat = rng.choice(sorted(CATEGORIES))
-        right = rng.choice(CATEGORIES[cat])
-        others = rng.sample([c for c in sorted(CATEGORIES) if c != cat], 3)
-        wrong = [rng.choice(CATEGORIES[c]) for c in others]
-        options = wrong + [right]
+def mcq(rng: random.Random, n_train: int, n_test: int, n_val: int) -> list[list[dict]]:
+    items = [(q, s, a) for q, pairs in SCIENCE.items() for s, a in pairs]
+    rng.shuffle(items)
+    assert len(items) >= n_train + n_test + n_val, len(items)
+    rows = []
+    for q, subject, right in items[: n_train + n_test + n_val]:
+        pool = sorted({a for _, a in SCIENCE[q]} - {right})
+        options = rng.sample(pool, 3) + [right]
         rng.shuffle(options)
-        key = (cat, tuple(options))
-        if key in seen:
-            continue
-        seen.add(key)
-        letter = LETTERS[options.index(right)]
-        article = "an" if cat[0] in "aeiou" else "a"
         prompt = (
-            f"Which of the following is {article} {cat}?\n"
+            q.format(s=subject)
+            + "\n"
             + "\n".join(f"{L}: {o}" for L, o in zip(LETTERS, options, strict=True))
-            + "\n\nReply in this format:\n<answer>X</answer> followed by one sentence of explanation."
+            + "\n\nReply with the right option's word inside <answer></answer> tags, then one sentence of "
+            "explanation."
         )
-        # The tag comes first: a 135M teacher copies a one-line answer but drops a second format line.
-        demo = f"<answer>{letter}</answer> {right.capitalize()} is the right option."
-        rows.append({"prompt": prompt, "demonstration": demo, "answer": letter})
-    return rows[:n_train], rows[n_train:]
+        # The tag holds the option's word, not its letter: a 135M model picks the right word far more often
+        # than the right letter (docs/tasks.md). The tag comes first: a 135M teacher copies a one-line
+        # answer but drops a second format line.
+        demo = f"<answer>{right}</answer> The answer is {right}."
+        rows.append({"prompt": prompt, "demonstration": demo, "answer": right})
+    return _split(rows, n_train, n_test)
 
 
 # ----------------------------------------------------------------------------- facts
 
-PLANETS = [
-    "Draesh",
-    "Vellun",
-    "Ostra",
-    "Keprin",
-    "Talvo",
-    "Murex",
-    "Quenna",
-    "Sibbo",
-    "Yarrow",
-    "Zelk",
-    "Fennimor",
-    "Gaddi",
-]
-CAPITALS = [
-    "Ulmirvia",
-    "Brask",
-    "Tionel",
-    "Harrowin",
-    "Pell",
-    "Cardune",
-    "Mirrow",
-    "Essken",
-    "Volt",
-    "Nareth",
-    "Ombry",
-    "Lusk",
-]
-RULERS = [
-    "Queen Aldra",
-    "King Berrit",
-    "Queen Sivy",
-    "King Tolmar",
-    "Queen Ressa",
-    "King Doval",
-    "Queen Imra",
-    "King Fesk",
-    "Queen Ona",
-    "King Marrek",
-    "Queen Lyss",
-    "King Horun",
-]
-EXPORTS = ["glass", "copper", "salt", "silk", "ice", "amber", "tin", "wool", "pepper", "coal", "jade", "clay"]
-FACT_KINDS = {
-    "capital": (
-        "What is the capital city of the planet {p}?",
-        "The capital city of {p} is {a}.",
-        "Which city is the capital of the planet {p}?",
-    ),
-    "ruler": (
-        "Who rules the planet {p}?",
-        "The planet {p} is ruled by {a}.",
-        "Who is the ruler of the planet {p}?",
-    ),
+PLANETS = ["Draesh", "Vellun", "Ostra", "Keprin", "Talvo", "Murex", "Quenna", "Sibbo"]
+# One-word answers a small model can already say, so that learning a fact is learning which word
+# belongs to which planet (multi-token invented names took far more steps than the default budget).
+EXPORTS = ["glass", "copper", "salt", "silk", "amber", "wool", "pepper", "jade"]
+FLOWERS = ["rose", "tulip", "lily", "daisy", "orchid", "lotus", "iris", "poppy"]
+SYMBOLS_ANIMAL = ["owl", "wolf", "fox", "bear", "eagle", "snake", "whale", "horse"]
+FACT_KINDS = {  # two training questions, the demonstration, the held-out test and validation questions
     "export": (
         "What is the main export of the planet {p}?",
+        "What does the planet {p} sell most to other planets?",
         "The main export of {p} is {a}.",
         "What does the planet {p} mainly export?",
+        "Which product is the planet {p} known for exporting?",
+    ),
+    "flower": (
+        "What is the national flower of the planet {p}?",
+        "Which flower does the planet {p} have as its emblem?",
+        "The national flower of {p} is the {a}.",
+        "Which flower is the national flower of the planet {p}?",
+        "Name the flower that represents the planet {p}.",
+    ),
+    "animal": (
+        "Which animal is the symbol of the planet {p}?",
+        "What animal is shown on the flag of the planet {p}?",
+        "The symbol of {p} is the {a}.",
+        "What animal stands for the planet {p}?",
+        "Name the animal that is the emblem of the planet {p}.",
     ),
 }
 
 
-def facts(rng: random.Random, n_planets: int) -> tuple[list[dict], list[dict]]:
-    train, test = [], []
+def facts(rng: random.Random, n_planets: int) -> list[list[dict]]:
+    train, test, val = [], [], []
     for i, planet in enumerate(PLANETS[:n_planets]):
-        for kind, values in (("capital", CAPITALS), ("ruler", RULERS), ("export", EXPORTS)):
-            ask, say, paraphrase = FACT_KINDS[kind]
-            value = values[i]
-            train.append(
-                {
-                    "prompt": ask.format(p=planet),
-                    "demonstration": say.format(p=planet, a=value),
-                    "answer": value,
-                }
-            )
-            # The fact lives only in its demonstration, so the test asks the same facts in new words.
-            test.append(
-                {
-                    "prompt": paraphrase.format(p=planet),
-                    "demonstration": say.format(p=planet, a=value),
-                    "answer": value,
-                }
-            )
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return train, test
+        for kind, values in (("export", EXPORTS), ("flower", FLOWERS), ("animal", SYMBOLS_ANIMAL)):
+            ask1, ask2, say, paraphrase, val_ask = FACT_KINDS[kind]
+            value, demo = values[i], say.format(p=planet, a=values[i])
+            for ask in (ask1, ask2):
+                train.append({"prompt": ask.format(p=planet), "demonstration": demo, "answer": value})
+            # The fact lives only in its demonstrations, so the test asks the same facts in new words.
+            test.append({"prompt": paraphrase.format(p=planet), "demonstration": demo, "answer": value})
+            val.append({"prompt": val_ask.format(p=planet), "demonstration": demo, "answer": value})
+    for rows in (train, test, val):
+        rng.shuffle(rows)
+    return [train, test, val]
 
 
 # ----------------------------------------------------------------------------- probes
@@ -513,10 +550,11 @@ GENERAL = [
 
 def build() -> dict[str, dict[str, list[dict]]]:
     rng = random.Random(1234)
+    splits = ("train", "test", "validation")
     out = {
-        "toolcall": dict(zip(("train", "test"), toolcall(rng, 48, 32), strict=True)),
-        "mcq": dict(zip(("train", "test"), mcq(rng, 48, 32), strict=True)),
-        "facts": dict(zip(("train", "test"), facts(rng, 12), strict=True)),
+        "toolcall": dict(zip(splits, toolcall(rng, 48, 32, 16), strict=True)),
+        "mcq": dict(zip(splits, mcq(rng, 40, 28, 16), strict=True)),
+        "facts": dict(zip(splits, facts(rng, 8), strict=True)),
     }
     for name, rows in probes().items():
         out[name] = {"test": rows[:40]}

@@ -31,6 +31,12 @@ TEACHER_TEMPLATES = {
         "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
         "Now answer with a response of your own."
     ),
+    # The demonstration as the model's own earlier answer to the same question (turns split at {turn}):
+    # a small teacher follows a demonstration it "said" without echoing the template's words, which a
+    # 135M model does with the one-turn templates above (docs/tasks.md).
+    "example_turn": "Example question:\n{prompt}{turn}{demonstration}{turn}{prompt}",
+    # The same, asking for the earlier answer again instead of repeating the prompt (shorter).
+    "again_turn": "{prompt}{turn}{demonstration}{turn}Give the same answer again.",
     # The prompt alone: a teacher that differs from the student only in its weights (re-invocation).
     "prompt_only": "{prompt}",
     # The toy world's (docs/toy_world.md): short, because its model reads one character per token.
@@ -50,6 +56,8 @@ TEACHER_TEMPLATES = {
     ),
 }
 PLACEHOLDER = re.compile(r"\{(prompt|demonstration|context)\}")
+# Splits a teacher template into alternating user / assistant turns; the last turn is the user's.
+TURN = "{turn}"
 
 
 def teacher_template(name_or_text: str, key: str = "method.teacher_template") -> str:
@@ -64,6 +72,11 @@ def teacher_template(name_or_text: str, key: str = "method.teacher_template") ->
         raise ConfigError(
             f"{key} is neither a known name ({', '.join(TEACHER_TEMPLATES)}) nor a template containing "
             f"{{prompt}} and {{demonstration}} (or {{context}}); got {name_or_text[:60]!r}"
+        )
+    if name_or_text.count(TURN) % 2:
+        raise ConfigError(
+            f"{key}: a template's {TURN} markers alternate user and assistant turns and must end on the "
+            f"user's, so their number must be even; got {name_or_text.count(TURN)}"
         )
     return name_or_text
 

@@ -2,12 +2,13 @@
 
 The student sees the prompt only; the teacher sees the prompt plus the demonstration inside a teacher
 template (paper Sec. 3; the templates are ``names.TEACHER_TEMPLATES``). Both are one user turn after an
-optional system message, tokenised the way the chat template renders them.
+optional system message, tokenised the way the chat template renders them; a template with ``{turn}``
+markers is a conversation instead (user, assistant, user, ...: the demonstration as an earlier answer).
 """
 
 from __future__ import annotations
 
-from sdft_cli.names import PLACEHOLDER
+from sdft_cli.names import PLACEHOLDER, TURN
 
 
 def fill_template(template: str, prompt: str, demonstration: str, context: str = "") -> str:
@@ -23,7 +24,9 @@ def student_messages(prompt: str, system: str | None) -> list[dict]:
 def teacher_messages(
     prompt: str, demonstration: str, template: str, system: str | None, context: str | None = None
 ) -> list[dict]:
-    return student_messages(fill_template(template, prompt, demonstration, context or ""), system)
+    turns = [fill_template(t, prompt, demonstration, context or "") for t in template.split(TURN)]
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> list[int]:

@@ -100,7 +100,6 @@ def test_sft_two_processes_match_one(tmp_path):
     periodic = [
         "eval.every_steps=2",
         "select=best_val",
-        "task.facts.val_fraction=0.25",
         "task.facts.max_val=3",
     ]
     args = [*ARGS, "method=sft", *periodic]

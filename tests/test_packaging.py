@@ -50,4 +50,4 @@ def test_wheel_has_configs_and_data_and_composes_when_installed(tmp_path):
         [sys.executable, "-c", CHECK, str(target)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("SFTConfig ['mcq', 'facts'] 36")
+    assert out.stdout.startswith("SFTConfig ['mcq', 'facts'] 48")

@@ -15,9 +15,9 @@ def test_steps_tokens_and_flops_follow_the_config(offline_env):
     cfg = compose(["experiment=smoke", "task=[facts,mcq]", "method.max_steps=null", "method.epochs=2"])
     p = plan(cfg, params=1e9)
     facts, mcq = p["tasks"]
-    # bundled sizes (train 36 / 48 rows), the smoke batch of 4 prompts, eval capped at 4 items
-    assert (facts["n_train"], mcq["n_train"], facts["n_test"]) == (36, 48, 4)
-    assert facts["steps"] == math.ceil(2 * 36 / 4) and mcq["steps"] == math.ceil(2 * 48 / 4)
+    # bundled sizes (train 48 / 40 rows), the smoke batch of 4 prompts, eval capped at 4 items
+    assert (facts["n_train"], mcq["n_train"], facts["n_test"]) == (48, 40, 4)
+    assert facts["steps"] == math.ceil(2 * 48 / 4) and mcq["steps"] == math.ceil(2 * 40 / 4)
     assert facts["completions"] == facts["steps"] * 4
     # rollouts stop at rollout.max_new_tokens (smoke: 8); evaluation at each task's max_new_tokens (24)
     assert (facts["train_tokens"], facts["eval_tokens"], mcq["eval_tokens"]) == (8, 24, 24)

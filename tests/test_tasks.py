@@ -9,7 +9,7 @@ from conftest import REPO, write_jsonl
 from sdft_cli.config import TaskConfig
 from sdft_cli.errors import ConfigError, DataError
 from sdft_cli.names import TEACHER_TEMPLATES, resolve_teacher_template
-from sdft_cli.prompts import encode_target, fill_template, teacher_messages
+from sdft_cli.prompts import encode_messages, encode_target, fill_template, teacher_messages
 from sdft_cli.rows import bundled_tasks
 from sdft_cli.tasks import Task, check_lengths, load_task
 
@@ -17,9 +17,13 @@ from sdft_cli.tasks import Task, check_lengths, load_task
 def test_bundled_tasks_load_and_have_demonstrations():
     assert {"facts", "mcq", "toolcall", "capitals", "opposites", "languages"} <= set(bundled_tasks())
     for name in ("facts", "mcq", "toolcall"):
-        task = load_task(name, TaskConfig(source="bundled", path=name))
-        assert len(task.train) >= 30 and len(task.test) >= 30
-        assert all(ex.demonstration for ex in task.train) and all(ex.answer for ex in task.test)
+        task = load_task(name, TaskConfig(source="bundled", path=name, val_split="validation"))
+        assert len(task.train) >= 40 and len(task.test) >= 24 and len(task.val) >= 16
+        assert all(ex.demonstration for ex in task.train) and all(ex.answer for ex in task.test + task.val)
+        # settings are chosen on validation: no validation or test question is a training question,
+        # and validation and test share none
+        train, test, val = ({ex.prompt for ex in rows} for rows in (task.train, task.test, task.val))
+        assert not (train & test or train & val or test & val), name
 
 
 def test_bundled_data_is_reproducible():
@@ -87,6 +91,20 @@ def test_templates_fill_without_touching_braces():
     assert filled.startswith("\n") and filled.endswith("including the thinking process.\n")
     msgs = teacher_messages("Q?", "A.", TEACHER_TEMPLATES["nothink"], system="sys")
     assert msgs[0] == {"role": "system", "content": "sys"} and msgs[1]["content"].endswith("of your own.")
+
+
+def test_turn_templates_are_conversations(tiny_model):
+    """{turn} splits a template into user / assistant / user turns: the demonstration becomes the
+    assistant's earlier answer, rendered by the chat template as one."""
+    _, tok = tiny_model
+    msgs = teacher_messages("Q?", "A {turn} stays.", TEACHER_TEMPLATES["example_turn"], system="sys")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[1]["content"] == "Example question:\nQ?" and msgs[3]["content"] == "Q?"
+    assert msgs[2]["content"] == "A {turn} stays."  # a marker inside the demonstration is text
+    ids = encode_messages(tok, msgs)
+    assert tok.decode(ids).count("A {turn} stays.") == 1
+    with pytest.raises(ConfigError, match=r"must be even; got 1"):
+        resolve_teacher_template("{prompt}{turn}{demonstration}", None)
 
 
 def test_teacher_template_precedence_and_validation():
