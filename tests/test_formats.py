@@ -132,6 +132,7 @@ def test_a_formatted_task_runs_end_to_end(tmp_path, tiny_model_dir):
         "task.facts.format=toolalpaca",
         "task.facts.scorer=tool_call",
         "task.facts.teacher_template=paper",
+        "task.facts.val_split=null",  # the fixture has train and test only
         "model.max_context=1024",
         f"runs_root={tmp_path}",
         cwd=tmp_path,
