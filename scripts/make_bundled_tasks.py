@@ -116,16 +116,19 @@ def _split(rows: list[dict], n_train: int, n_test: int) -> list[list[dict]]:
 
 def _tool_prompt(tools: list[str], question: str) -> str:
     # A compact ToolAlpaca-style prompt: long tool documentation makes a 135M teacher parrot the template
-    # instead of the call (teacher 10-19% vs 69% with this form; see docs/tasks.md).
+    # instead of the call (teacher 10-19% vs 69% with this form; see docs/tasks.md). The question comes
+    # first: opening with "You can call these tools:" the student's samples copy the tool list, SDFT
+    # sharpens that copying, and on seed 1 it generalised to reciting the system prompt (which also
+    # opens with "You") on every probe (docs/tasks.md, "The system-prompt collapse").
     docs = []
     for name in tools:
         desc, params = TOOLS[name]
         docs.append(f"- {name}({', '.join(json.dumps(k) for k in params)}): {desc}")
     return (
-        "You can call these tools:\n" + "\n".join(docs) + "\n\n"
+        f"Question: {question}\n\n"
+        "Tools:\n" + "\n".join(docs) + "\n\n"
         "Reply with the tool call only, in this format:\n"
-        "Action: <tool name>\nAction Input: <JSON arguments>\n\n"
-        f"Question: {question}"
+        "Action: <tool name>\nAction Input: <JSON arguments>"
     )
 
 
