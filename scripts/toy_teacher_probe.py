@@ -21,8 +21,8 @@ from sdft_cli.toy import world
 
 
 def probe(model_dir: str, skill: str, n: int = 64, max_len: int = 32) -> dict:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).eval()
     end = tok.eos_token_id
     p_right = p_early = correct = 0.0
     rows = world.rows(skill, "test", n, style="spaced")
