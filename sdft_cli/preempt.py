@@ -47,7 +47,8 @@ def deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in _signals()}
+    # a signal the process was started ignoring (INT under nohup or `cmd &`) stays ignored
+    previous = {s: h for s in _signals() if (h := signal.getsignal(s)) != signal.SIG_IGN}
     _previous.update(previous)
     for s in previous:
         signal.signal(s, _hold)
@@ -81,7 +82,5 @@ def _act(signum: int, handlers: dict[int, object]) -> None:
         raise SystemExit(128 + signum)
     if callable(handler):
         handler(signum, None)  # submitit: requeue and exit; a handler that returns lets training go on
-        return
-    if handler == signal.SIG_IGN:
         return
     raise SystemExit(128 + signum)

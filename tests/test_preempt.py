@@ -74,6 +74,18 @@ def test_without_a_handler_the_held_signal_exits_with_128_plus_its_number():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_signal_the_process_ignores_stays_ignored():
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert not preempt.requested()  # no checkpoint-and-exit for a signal nohup asked to ignore
+            assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def records(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -89,6 +101,8 @@ def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # as from a terminal: a shell's background job (how CI may start pytest) inherits INT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").is_file() or sum("step" in r for r in records(run)) < 3:
