@@ -1,11 +1,13 @@
 """Resumable checkpoints and the final model of a training stage, shared by every method.
 
-A checkpoint is a directory: the student in Hugging Face format (``model/``), the teacher's fp32
-weights (``teacher.safetensors``), optimizer, scheduler and RNG state (``trainer_state.pt``) and the
-step (``state.json``); its ``manifest.json`` is written last. Resuming restores all of it, so a resumed
-task continues exactly where it stopped. A checkpoint is checked against its manifest (sizes right after
-it is written, before older ones are deleted; sha256 before it is resumed), and no checkpoint or final
-model with a NaN/inf weight or optimizer value is ever written.
+A checkpoint is a directory: the student in Hugging Face format (``model/``; with LoRA its adapter,
+``adapter.safetensors``, since the base weights do not change within a task), the teacher's fp32
+weights (``teacher.safetensors``; a LoRA teacher's adapter), optimizer, scheduler and RNG state
+(``trainer_state.pt``) and the step (``state.json``); its ``manifest.json`` is written last. Resuming
+restores all of it, so a resumed task continues exactly where it stopped. A checkpoint is checked
+against its manifest (sizes right after it is written, before older ones are deleted; sha256 before
+it is resumed), and no checkpoint or final model with a NaN/inf weight or optimizer value is ever
+written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdft_cli import distributed
+from sdft_cli import distributed, lora
 from sdft_cli.artifacts import (
     MANIFEST,
     CorruptArtifactError,
@@ -53,10 +55,13 @@ def _set_rng_state(state: dict) -> None:
 
 def save_teacher(path: Path, state: dict[str, torch.Tensor]) -> None:
     """The teacher's weights (``Teacher.state_dict``) as safetensors; nothing for a live teacher."""
+    if state:
+        save_tensors(path, state)
+
+
+def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    if not state:
-        return
     # tied weights share storage; safetensors wants each tensor once, and load(strict=False) re-ties
     seen, unique = set(), {}
     for k, v in state.items():
@@ -80,17 +85,24 @@ def save_checkpoint(
     Every rank calls it (the sharded states are gathered); rank 0 writes. The optimizer state is keyed
     by parameter name and unsharded, so any number of processes can resume it.
     """
-    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
+    adapter = lora.attached(student)
+    sharded = distributed.is_sharded(student) and not adapter
+    weights = distributed.full_state(student) if sharded else None
     teacher_state = teacher.state_dict()
     optimizer = distributed.optimizer_state(student, opt)
-    student_state = weights if weights is not None else student.state_dict()
+    student_state = (
+        lora.state(student) if adapter else weights if weights is not None else student.state_dict()
+    )
     ensure_finite(path, student=student_state, teacher=teacher_state, optimizer=optimizer)
     if not distributed.current().main:
         return path
     meta = {"step": state.step, "total_steps": state.total_steps}
     meta.update(skipped=state.skipped, skip_streak=state.skip_streak)
     with atomic_dir(path) as tmp:
-        save_model(tmp / "model", student, tokenizer, weights)
+        if adapter:
+            save_tensors(tmp / "adapter.safetensors", student_state)
+        else:
+            save_model(tmp / "model", student, tokenizer, weights)
         save_teacher(tmp / "teacher.safetensors", teacher_state)
         torch.save(
             {"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": _rng_state()},
@@ -142,10 +154,13 @@ def load_checkpoint(
         raise CorruptArtifactError(
             f"{path}: cannot read its trainer state ({type(e).__name__}: {e})"
         ) from None
-    dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
-    loaded = load_model(path / "model", dtype=dtype, trust_remote_code=trust_remote_code)
-    distributed.load_full_state(student, loaded.state_dict())
-    del loaded
+    if (path / "adapter.safetensors").is_file():  # LoRA: the base weights are the task's starting ones
+        lora.load_state(student, load_file(str(path / "adapter.safetensors")))
+    else:
+        dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+        loaded = load_model(path / "model", dtype=dtype, trust_remote_code=trust_remote_code)
+        distributed.load_full_state(student, loaded.state_dict())
+        del loaded
     if (path / "teacher.safetensors").is_file():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
     distributed.load_optimizer_state(student, opt, trainer["optimizer"])
@@ -179,15 +194,23 @@ def prune_checkpoints(root: Path, keep: Path | None) -> None:
 
 def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher | None = None) -> Path:
     """The task's trained student as a plain HF directory (and optionally the teacher's weights), then
-    the stage manifest (the stage is done). Every rank calls it; rank 0 writes."""
-    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
+    the stage manifest (the stage is done). Every rank calls it; rank 0 writes. A LoRA student's adapter
+    is merged into it (in memory too) and saved in peft's format in ``adapter/``."""
     teacher_state = teacher.state_dict() if teacher is not None else {}
+    adapter = lora.state(student) if lora.attached(student) else {}
+    if adapter:  # the stage's model is the merged one; the adapter is kept beside it
+        peft_config = student.peft_config[lora.STUDENT]
+        lora.merge_and_unload(student)
+    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
     student_state = weights if weights is not None else student.state_dict()
-    ensure_finite(train_dir / "model", student=student_state, teacher=teacher_state)
+    ensure_finite(train_dir / "model", student=student_state, teacher=teacher_state, adapter=adapter)
     if not distributed.current().main:
         return train_dir / "model"
     with atomic_dir(train_dir / "model") as tmp:
         save_model(tmp, student, tokenizer, weights)
+    if adapter:
+        with atomic_dir(train_dir / "adapter") as tmp:
+            lora.save_adapter(tmp, adapter, peft_config)
     if teacher_state:
         with atomic_dir(train_dir / "teacher") as tmp:
             save_teacher(tmp / "teacher.safetensors", teacher_state)

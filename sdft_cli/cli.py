@@ -249,12 +249,12 @@ def plan(
     import json
 
     from sdft_cli.compose import compose
-    from sdft_cli.plan import count_parameters, render
+    from sdft_cli.plan import count_parameters, count_trainable, render
     from sdft_cli.plan import plan as make_plan
 
     try:
         cfg = compose(overrides or [])
-        p = make_plan(cfg, params or count_parameters(cfg))
+        p = make_plan(cfg, params or count_parameters(cfg), count_trainable(cfg))
     except SdftError as e:
         _fail(str(e))
     typer.echo(json.dumps(p, indent=2) if json_out else render(p, tflops))

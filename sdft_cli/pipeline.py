@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdft_cli import distributed, preempt, prior
+from sdft_cli import distributed, lora, preempt, prior
 from sdft_cli.artifacts import RunLayout, RunLock, atomic_write_text, read_json, verified
 from sdft_cli.config import Config
 from sdft_cli.engines import Engines
@@ -38,6 +38,7 @@ from sdft_cli.precision import autocast_dtype, inference_dtype, resolve_device
 from sdft_cli.preconditions import precondition_stage, print_table
 from sdft_cli.provenance import check_config, config_yaml, data_hashes, write_provenance
 from sdft_cli.report import print_matrix, rebuild_matrix
+from sdft_cli.schedule import step_seed
 from sdft_cli.tasks import Inputs, JointTask, Task, check_inputs, load_inputs
 from sdft_cli.validation import Periodic
 
@@ -199,8 +200,19 @@ class Run:
         final model and the manifest. A distributed stage loads the whole model on the CPU; sharding
         moves each rank's part to its device."""
         dist = distributed.current()
-        model = self.models.get(previous, torch.device("cpu") if dist.enabled else self.device)
         cfg = self.cfg
+        where = torch.device("cpu") if dist.enabled else self.device
+        adapter = cfg.model.lora
+        keep = adapter.r and adapter.between_tasks == "keep" and previous != self.base_path
+        # LoRA keeping one adapter over the sequence: the base weights, and the previous task's adapter
+        model = self.models.get(self.base_path if keep else previous, where)
+        if adapter.r:
+            if dist.enabled:
+                raise ConfigError("model.lora in a multi-process run is not supported yet: run one process")
+            teacher = getattr(cfg.method, "teacher", "live") != "live"
+            lora.attach(model, adapter, teacher=teacher, seed=step_seed(cfg.seed, index, lora.SEED_STEP))
+            if keep:
+                lora.load_adapter(model, Path(previous).parent / "adapter")
         ctx = TrainContext(
             model=model,
             tokenizer=self.tokenizer,

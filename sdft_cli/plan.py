@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdft_cli import lora
 from sdft_cli.artifacts import cache_dir
 from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
 from sdft_cli.errors import ConfigError, SdftError
@@ -35,8 +36,8 @@ class TaskPlan:
     periodic: int = 0  # periodic evaluations during the task (eval.every_steps)
 
 
-def count_parameters(cfg: Config) -> int | None:
-    """Parameters of the model's architecture, from its config alone (None when it cannot be read)."""
+def _meta_model(cfg: Config):
+    """The model's architecture on the meta device (no weights), or None when its config is not here."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -51,11 +52,28 @@ def count_parameters(cfg: Config) -> int | None:
     except (OSError, ValueError, ConfigError):  # not downloaded, or a hub id offline
         return None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(arch)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(arch)
 
 
-def plan(cfg: Config, params: float | None = None) -> dict:
+def count_parameters(cfg: Config) -> int | None:
+    """Parameters of the model's architecture, from its config alone (None when it cannot be read)."""
+    model = _meta_model(cfg)
+    return None if model is None else sum(p.numel() for p in model.parameters())
+
+
+def count_trainable(cfg: Config) -> int | None:
+    """The parameters the optimizer updates: all of them, or with ``model.lora`` the student adapter's
+    (injected by peft into the meta model, so the count is peft's own)."""
+    if not cfg.model.lora.r:
+        return count_parameters(cfg)
+    model = _meta_model(cfg)
+    if model is None:
+        return None
+    lora.attach(model, cfg.model.lora, teacher=False)
+    return lora.trainable_parameters(model)
+
+
+def plan(cfg: Config, params: float | None = None, trainable: float | None = None) -> dict:
     """The plan as a dict: per-task sizes and steps, evaluation calls, FLOPs (when the size is known)."""
     method = cfg.method
     sdft = isinstance(method, SDFTConfig)
@@ -133,6 +151,16 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         + (reinvoke["completions"] * reinvoke["max_tokens"] if reinvoke else 0),
         "reinvoke": reinvoke,
         "params": params,
+        "trainable_params": trainable,
+        "lora": (
+            {
+                "r": cfg.model.lora.r,
+                "alpha": cfg.model.lora.alpha,
+                "between_tasks": cfg.model.lora.between_tasks,
+            }
+            if cfg.model.lora.r
+            else None
+        ),
         "lm_eval": {
             "benchmarks": {n: b.task for n, b in cfg.eval.prior.benchmarks.items()},
             "runs": sum(runs_at(cfg.eval.prior, s, stages - 1) for s in range(stages)),
@@ -142,8 +170,10 @@ def plan(cfg: Config, params: float | None = None) -> dict:
     }
     if params:
         # 2N per generated token (rollouts, a teacher set); per trained token, SDFT: teacher forward (2N)
-        # and student forward+backward (6N); SFT/DFT: forward+backward on its targets
-        per_token = (2 + 6) if sdft else 6
+        # and student forward+backward (6N); SFT/DFT: forward+backward on its targets. With LoRA the
+        # backward forms no weight gradients of the base: 4N for forward+backward.
+        train = 4 if cfg.model.lora.r else 6
+        per_token = (2 + train) if sdft else train
         flops = float(sum(2 * params * t.generations * t.train_tokens for t in tasks))
         flops += float(sum(per_token * params * t.completions * t.train_tokens for t in tasks))
         if reinvoke:  # generate, teacher forward, student forward+backward
@@ -156,6 +186,17 @@ def plan(cfg: Config, params: float | None = None) -> dict:
         flops += 2 * params * gen_tokens
         out["flops"] = flops
     return out
+
+
+def _trainable_line(p: dict) -> list[str]:
+    t, lo = p.get("trainable_params"), p.get("lora")
+    if not t or not lo:
+        return []
+    share = f" ({100 * t / p['params']:.2f}% of the model)" if p.get("params") else ""
+    return [
+        f"trainable parameters: {t / 1e6:.2f} M{share}: LoRA r={lo['r']}, alpha={lo['alpha']:g}, "
+        f"{lo['between_tasks']} between tasks (forward+backward counted at 4N per trained token)"
+    ]
 
 
 def render(p: dict, tflops: float) -> str:
@@ -210,6 +251,7 @@ def render(p: dict, tflops: float) -> str:
         hours = p["flops"] / (tflops * 1e12) / 3600
         lines += [
             f"model parameters: {p['params'] / 1e9:.3f} B",
+            *_trainable_line(p),
             f"compute: {p['flops']:.3e} FLOPs = {hours:.2f} GPU-hours at {tflops:g} effective TFLOP/s "
             "(--tflops; completions at their maximum length, prompts not counted)",
         ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
 from conftest import sdft
 
 from sdft_cli.compose import compose
-from sdft_cli.plan import count_parameters, plan
+from sdft_cli.plan import count_parameters, count_trainable, plan, render
 
 
 def test_steps_tokens_and_flops_follow_the_config(offline_env):
@@ -43,6 +45,29 @@ def test_parameters_come_from_the_config_on_the_meta_device(tiny_model, tiny_mod
     cfg = compose(["model=hf", f"model.path={tiny_model_dir}", "model.name=t"])
     assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
     assert count_parameters(compose(["experiment=smoke"])) is None
+
+
+def test_lora_counts_the_adapters_parameters_and_trains_at_4n(tiny_model, tiny_model_dir):
+    model, _ = tiny_model
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    cfg = compose(["model=hf", f"model.path={tiny_model_dir}", "model.name=t", "model.lora.r=8"])
+    # r (in + out) for every targeted linear of the real model
+    expected = sum(
+        8 * (m.in_features + m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rpartition(".")[2] in targets
+    )
+    assert count_trainable(cfg) == expected
+    assert count_trainable(compose(["model=hf", f"model.path={tiny_model_dir}", "model.name=t"])) == sum(
+        p.numel() for p in model.parameters()
+    )
+    sft = ["experiment=smoke", "method=sft", "task=[facts]"]
+    full = plan(compose(sft), params=1e9)
+    adapted = plan(compose([*sft, "model.lora.r=8"]), 1e9, expected)
+    (facts,) = full["tasks"]
+    trained = facts["completions"] * 24 * 1e9
+    assert full["flops"] - adapted["flops"] == pytest.approx(2 * trained)  # 6N -> 4N per trained token
+    assert "trainable parameters:" in render(adapted, 400) and "LoRA r=8" in render(adapted, 400)
 
 
 def test_cli_prints_the_plan_and_json(offline_env, tmp_path):

@@ -90,10 +90,16 @@ def records(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_path, tiny_model_dir, sig):
+@pytest.mark.parametrize(
+    "sig,extra",
+    [(signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGTERM, ["model.lora.r=4"])],
+    ids=["TERM", "INT", "TERM-lora"],
+)
+def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(
+    tmp_path, tiny_model_dir, sig, extra
+):
     # save_every=0: no periodic checkpoints, so the one found after the signal is the preemption's
-    args = [*SMOKE, "task=[facts]", "method.epochs=100", "method.max_steps=30", "method.save_every=0"]
+    args = [*SMOKE, "task=[facts]", "method.epochs=100", "method.max_steps=30", "method.save_every=0", *extra]
     run = tmp_path / "r"
     proc = subprocess.Popen(
         [*SDFT, "run", *args, f"run_dir={run}"],
@@ -117,6 +123,8 @@ def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(tmp_
     (ckpt,) = (run / "t01_facts" / "train" / "checkpoints").glob("step_*")
     step = int(ckpt.name.split("_")[1])
     assert 3 <= step < 30 and (ckpt / "manifest.json").is_file()
+    # a LoRA checkpoint holds the adapters, not the unchanged base weights
+    assert (ckpt / "adapter.safetensors").is_file() == bool(extra) != (ckpt / "model").is_dir()
     assert [r["step"] for r in records(run) if "step" in r] == list(range(1, step + 1))
     assert not (run / ".lock.owner").exists()  # the run lock went with the process
 

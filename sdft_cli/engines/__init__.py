@@ -25,6 +25,7 @@ from sdft_cli.config import RolloutConfig
 from sdft_cli.engines.decode import supported
 from sdft_cli.engines.hf import DecoderEngine, HFEngine, inference_copy
 from sdft_cli.engines.vllm import CheckpointEngine, VLLMEngine, runs_remote_code
+from sdft_cli.lora import merged_state
 from sdft_cli.precision import inference_dtype
 from sdft_cli.rollout import Rollouts, Sampling
 
@@ -107,7 +108,7 @@ class Engines:
                 return CheckpointEngine(work_dir, self.rollout, **self._vllm_args(sampler, dtype))
             if source_dir is None:
                 source_dir = work_dir / "rollout_model"
-                sampler.save_pretrained(source_dir)
+                sampler.save_pretrained(source_dir, state_dict=merged_state(sampler))
                 self.tokenizer.save_pretrained(source_dir)
             return self._colocate(sampler, dtype, source_dir)
         own = dtype if dtype is not None else _dtype(sampler)

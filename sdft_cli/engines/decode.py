@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdft_cli import lora
 from sdft_cli.distributed import full
 from sdft_cli.rollout import Sampling
 
@@ -125,7 +126,8 @@ class Decoder:
         self.owned_dtype = owned_dtype
         self.device = next(model.parameters()).device
         if owned_dtype is None:
-            frozen = not any(p.requires_grad for p in model.parameters())
+            # fused views would read a LoRA layer's base weight without its adapter
+            frozen = not any(p.requires_grad for p in model.parameters()) and not lora.attached(model)
             self.layers = [self._bind(layer, fuse=frozen) for layer in core.layers]
         else:
             self.rotary = copy.deepcopy(core.rotary_emb)
@@ -181,12 +183,12 @@ class Decoder:
                 _Layer(
                     ln1=get(layer.input_layernorm.weight),
                     ln2=get(layer.post_attention_layernorm.weight),
-                    qkv=_pack(cat([m.weight for m in qkv]), packed),
+                    qkv=_pack(cat([lora.weight(m) for m in qkv]), packed),
                     qkv_bias=cat([m.bias for m in qkv]) if qkv[0].bias is not None else None,
-                    o=_pack(get(attn.o_proj.weight), packed),
+                    o=_pack(get(lora.weight(attn.o_proj)), packed),
                     o_bias=get(attn.o_proj.bias),
-                    gate_up=_pack(cat([mlp.gate_proj.weight, mlp.up_proj.weight]), packed),
-                    down=_pack(get(mlp.down_proj.weight), packed),
+                    gate_up=_pack(cat([lora.weight(mlp.gate_proj), lora.weight(mlp.up_proj)]), packed),
+                    down=_pack(get(lora.weight(mlp.down_proj)), packed),
                     q_norm=get(qn.weight) if qn is not None else None,
                     k_norm=get(kn.weight) if kn is not None else None,
                 )
@@ -195,7 +197,7 @@ class Decoder:
         self.embed = get(core.embed_tokens.weight)
         self.final_norm = get(core.norm.weight)
         tied = model.config.tie_word_embeddings
-        self.head = _pack(self.embed if tied else get(model.lm_head.weight), packed)
+        self.head = _pack(self.embed if tied else get(lora.weight(model.lm_head)), packed)
         self.head_bias = get(getattr(model.lm_head, "bias", None))
 
     def release(self) -> None:
@@ -205,7 +207,8 @@ class Decoder:
             self.layers, self.embed, self.final_norm, self.head, self.head_bias = [], None, None, None, None
 
     def intact(self) -> bool:
-        """False when a bound model's parameters were replaced since binding (``.to()``, a reload)."""
+        """False when a bound model's parameters or layers were replaced since binding (``.to()``, a
+        reload, adapters injected)."""
         if self.owned_dtype is not None:
             return True
         core = self.model.model
@@ -215,6 +218,15 @@ class Decoder:
             for fused, first in ((b.qkv, layer.self_attn.q_proj), (b.gate_up, layer.mlp.gate_proj)):
                 if isinstance(fused, torch.Tensor) and first.weight.data_ptr() != fused.data_ptr():
                     return False
+            # bound modules: the model's own, not ones it replaced since (LoRA layers injected by peft)
+            if isinstance(b.o, torch.nn.Module) and (
+                b.o is not layer.self_attn.o_proj or b.down is not layer.mlp.down_proj
+            ):
+                return False
+            if isinstance(b.qkv, list) and b.qkv[0] is not layer.self_attn.q_proj:
+                return False
+            if isinstance(b.gate_up, list) and b.gate_up[0] is not layer.mlp.gate_proj:
+                return False
         return True
 
     # ------------------------------------------------------------------------- forward

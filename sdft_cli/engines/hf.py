@@ -188,6 +188,18 @@ def generate_lean(
     progress: Callable[[int], None] | None = None,
 ) -> Rollouts:
     """``generate_transformers`` on the lean loop of ``decode.py`` (same distribution, own stream)."""
+    bound = dec.owned_dtype is None
+    was_training = bound and dec.model.training
+    if was_training:  # a bound loop calls the model's LoRA layers: no adapter dropout while sampling
+        dec.model.eval()
+    try:
+        return _generate_lean(dec, tokenizer, prompts, sampling, eos_ids, progress)
+    finally:
+        if was_training:
+            dec.model.train()
+
+
+def _generate_lean(dec, tokenizer, prompts, sampling, eos_ids, progress) -> Rollouts:
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: list[torch.Tensor | None] = [None] * len(prompts)

@@ -25,6 +25,7 @@ import torch
 
 from sdft_cli.config import RolloutConfig
 from sdft_cli.errors import ConfigError
+from sdft_cli.lora import merged_state
 from sdft_cli.rollout import Rollouts, Sampling, assemble
 
 
@@ -81,7 +82,8 @@ class VLLMEngine:
     def push(self, model: torch.nn.Module) -> None:
         """Load ``model``'s current weights into the engine (HF parameter names; vLLM maps them)."""
         self.wake()
-        weights = ((name, p.detach()) for name, p in model.state_dict().items())
+        # a LoRA student's weights with its adapter merged in (vLLM's own LoRA path is not used)
+        weights = ((name, p.detach()) for name, p in merged_state(model).items())
         self.llm.collective_rpc(_load_weights, args=(weights,))
         self.llm.reset_prefix_cache()
 
@@ -157,7 +159,7 @@ class CheckpointEngine:
         self.pushes += 1
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-        model.save_pretrained(self.dir)
+        model.save_pretrained(self.dir, state_dict=merged_state(model))
         self.engine_args["tokenizer"].save_pretrained(self.dir)
         self.engine = VLLMEngine(self.dir, self.cfg, **self.engine_args)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -132,8 +133,9 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
                 ro = fixed.rollouts(rows, [k for _ in idx for k in range(n)], ctx.pad_id)
             else:
                 assert engine is not None
-                engine.push(sampler)
-                ro = engine.generate([sample_ctx[i] for i in rows], sample)
+                with nullcontext() if on_policy else teacher.scoring():  # a LoRA teacher's adapter
+                    engine.push(sampler)
+                    ro = engine.generate([sample_ctx[i] for i in rows], sample)
                 engine.release()  # the engine's memory goes back to the trainer until the next push
         lmask = loss_mask(ro.completion_mask, cfg.skip_first_tokens)
         # normalised over the whole batch (every rank's tokens): gradients are summed over ranks
@@ -154,7 +156,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             targets = comp.to(device)[sel]
             seq_ids = torch.arange(len(mb), device=device).unsqueeze(-1).expand(sel.shape)[sel]
             # the teacher reads the demonstration-conditioned context; its logits are formed in the loss
-            with timer("score"), torch.no_grad():
+            with timer("score"), torch.no_grad(), teacher.scoring():
                 t_ctx = [teacher_ctx[rows[j]] for j in mb]
                 h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, score_amp)[sel]
                 head_t, _ = output_head(teacher.model)  # after the forward: a sharded root is gathered
