@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sdft_cli import distributed
+from sdft_cli import distributed, optim
 from sdft_cli.config import MethodConfig, OptimConfig
 
 
@@ -61,7 +61,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     # one fused kernel per tensor (CPU and CUDA): ~4x faster than the per-tensor loop on a CPU; sharded
     # (DTensor) parameters take torch's default implementation
     fused = not distributed.current().enabled and all(p.device.type in ("cpu", "cuda") for p in params)
-    opt = torch.optim.AdamW(
+    opt = optim.adamw(params, cfg) or torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
     )
     name = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}[cfg.schedule]

@@ -74,6 +74,9 @@ class OptimConfig:
     on_nonfinite: str = "stop"
     # With skip: this many consecutive skipped steps are allowed; one more stops the run.
     max_nonfinite_skips: int = 3
+    # AdamW's two moments: fp32 (exact) or bf16 (stochastic rounding); 8 or 4 bytes per trained parameter
+    # (sdft_cli/optim.py)
+    moments: str = "fp32"
 
     def __post_init__(self) -> None:
         _positive("method.optim.lr", self.lr)
@@ -84,6 +87,7 @@ class OptimConfig:
         _positive("method.optim.eps", self.eps)
         _nonneg("method.optim.weight_decay", self.weight_decay)
         _choice("method.optim.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _choice("method.optim.moments", self.moments, ("fp32", "bf16"))
         _positive("method.optim.max_nonfinite_skips", self.max_nonfinite_skips)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"method.optim.betas must be two values in [0, 1), got {self.betas}")

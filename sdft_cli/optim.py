@@ -1,0 +1,83 @@
+"""AdamW with its moments in low precision (``method.optim.moments``), for memory.
+
+Exact AdamW keeps two fp32 moments per weight, 8 bytes per parameter: for a 135M model 1.08 GB of a
+3 GB training state. ``bf16`` keeps both moments in bfloat16 (4 bytes per parameter) and updates them in
+fp32, one tensor at a time, rounding back stochastically: a moment that moves by less than bf16's step
+(2^-8 of its size; the second moment at beta2 = 0.999 does every step) still moves on average instead
+of stalling. The rounding noise is drawn from a generator seeded by the step and the tensor's index, so
+a resumed run rounds exactly as an uninterrupted one. Weights and their update stay fp32, and clipping
+by the global gradient norm happens before the step as always. (8-bit moments, torchao's
+``AdamW8bit``, keep them in a tensor subclass that torch's optimizer state dicts and our
+``weights_only`` checkpoint loading do not carry; they are not offered.) ``tests/test_optim.py``
+bounds how far 200 steps drift from exact AdamW on the tiny model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased)."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # the low 16 bits are zero
+
+
+def _moments_to_bf16(opt: torch.optim.Optimizer) -> None:
+    """``Optimizer.load_state_dict`` casts state to the weights' dtype; the moments go back to bf16
+    (exactly: they were bf16 values)."""
+    for state in opt.state.values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in state:
+                state[k] = state[k].to(torch.bfloat16)
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected) with bf16 moments and fp32 weights."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed: int = 0):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.seed = seed
+        self.register_load_state_dict_post_hook(_moments_to_bf16)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                t = int(state["step"])
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - b1)
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                gen = torch.Generator(device=p.device).manual_seed(hash((self.seed, t, index)) % 2**62)
+                state["exp_avg"].copy_(_round_stochastic(m, gen))
+                state["exp_avg_sq"].copy_(_round_stochastic(v, gen))
+                if wd:
+                    p.mul_(1 - lr * wd)
+                denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        return loss
+
+
+def adamw(params, cfg, seed: int = 0) -> torch.optim.Optimizer:
+    """The optimizer ``method.optim`` asks for over ``params`` (fp32 weights)."""
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.moments == "bf16":
+        return AdamWBF16(params, seed=seed, **kw)
+    return None  # fp32: torch's AdamW, chosen by the caller (fused where it can be)
