@@ -24,23 +24,34 @@ def _round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # the low 16 bits are zero
 
 
-def _moments_to_bf16(opt: torch.optim.Optimizer) -> None:
-    """``Optimizer.load_state_dict`` casts state to the weights' dtype; the moments go back to bf16
-    (exactly: they were bf16 values)."""
+def seeded(*key: int) -> torch.Generator:
+    """A generator for one tensor's rounding at one step: the same draw after a resume."""
+    return torch.Generator().manual_seed(hash(key) % 2**62)
+
+
+def _moments_to_dtype(opt: torch.optim.Optimizer) -> None:
+    """``Optimizer.load_state_dict`` casts state to the weights' dtype; the moments go back to theirs
+    (exactly: they were values of that dtype)."""
     for state in opt.state.values():
         for k in ("exp_avg", "exp_avg_sq"):
             if k in state:
-                state[k] = state[k].to(torch.bfloat16)
+                state[k] = state[k].to(opt.moments)
 
 
-class AdamWBF16(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected) with bf16 moments and fp32 weights."""
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected) over fp32 weights, one tensor at a time, with its
+    moments in ``moments`` (bf16: stochastic rounding). ``on_update(p, old, step, index)`` runs after each
+    tensor's update with its previous values, so state that follows the weights (the offset teacher,
+    ``teacher.py``) is updated inside the step with one tensor's copy alive at a time."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed: int = 0):
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, moments=torch.bfloat16, seed=0
+    ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.seed = seed
-        self.register_load_state_dict_post_hook(_moments_to_bf16)
+        self.moments, self.seed = moments, seed
+        self.on_update = None
+        self.register_load_state_dict_post_hook(_moments_to_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,6 +60,7 @@ class AdamWBF16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         index = 0
+        low = self.moments != torch.float32
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -58,26 +70,32 @@ class AdamWBF16(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments)
                 state["step"] += 1
                 t = int(state["step"])
                 g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - b1)
+                m = state["exp_avg"].float().lerp_(g, 1 - b1)  # in place when the moments are fp32
                 v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                gen = torch.Generator(device=p.device).manual_seed(hash((self.seed, t, index)) % 2**62)
-                state["exp_avg"].copy_(_round_stochastic(m, gen))
-                state["exp_avg_sq"].copy_(_round_stochastic(v, gen))
+                if low:
+                    gen = seeded(self.seed, t, index)
+                    state["exp_avg"].copy_(_round_stochastic(m, gen))
+                    state["exp_avg_sq"].copy_(_round_stochastic(v, gen))
+                old = p.detach().clone() if self.on_update is not None else None
                 if wd:
                     p.mul_(1 - lr * wd)
                 denom = (v / (1 - b2**t)).sqrt_().add_(eps)
                 p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                if old is not None:
+                    self.on_update(p, old, t, index)
         return loss
 
 
-def adamw(params, cfg, seed: int = 0) -> torch.optim.Optimizer:
-    """The optimizer ``method.optim`` asks for over ``params`` (fp32 weights)."""
+def adamw(params, cfg, seed: int = 0, per_tensor: bool = False) -> torch.optim.Optimizer | None:
+    """The optimizer ``method.optim`` asks for over ``params`` (fp32 weights): ours for bf16 moments or
+    when the caller needs the per-tensor hook; None for torch's fused AdamW."""
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.moments == "bf16":
-        return AdamWBF16(params, seed=seed, **kw)
-    return None  # fp32: torch's AdamW, chosen by the caller (fused where it can be)
+    if cfg.moments == "bf16" or per_tensor:
+        moments = torch.bfloat16 if cfg.moments == "bf16" else torch.float32
+        return AdamW(params, moments=moments, seed=seed, **kw)
+    return None

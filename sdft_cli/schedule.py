@@ -54,14 +54,16 @@ def step_seed(seed: int, task_index: int, step: int, rank: int = 0) -> int:
     return int(np.random.default_rng(key).integers(2**31 - 1))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, per_tensor: bool = False):
+    """AdamW over the trainable parameters and the schedule; ``per_tensor``: our per-tensor AdamW, whose
+    ``on_update`` hook an offset teacher needs (``optim.py``)."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
     # one fused kernel per tensor (CPU and CUDA): ~4x faster than the per-tensor loop on a CPU; sharded
     # (DTensor) parameters take torch's default implementation
     fused = not distributed.current().enabled and all(p.device.type in ("cpu", "cuda") for p in params)
-    opt = optim.adamw(params, cfg) or torch.optim.AdamW(
+    opt = optim.adamw(params, cfg, per_tensor=per_tensor) or torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
     )
     name = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}[cfg.schedule]

@@ -46,6 +46,16 @@ class Teacher:
         """The context of the teacher's forward pass: the teacher's adapter active (LoRA)."""
         return lora.active(self.model, lora.TEACHER) if self.adapter else nullcontext()
 
+    def head(self):
+        """The teacher's output head (read after its forward: a sharded root is gathered then)."""
+        from sdft_cli.forward import output_head
+
+        with self.scoring():
+            return output_head(self.model)[0]
+
+    def follow(self, opt) -> None:
+        """Nothing: this teacher is updated after the step (``update``)."""
+
     def shard(self, device: torch.device) -> None:
         """Shard an own copy over the process group, as ``distributed.shard`` does the student."""
         if self.kind != "live" and not self.adapter:
@@ -91,3 +101,114 @@ class Teacher:
             distributed.load_full_state(self.model, state)
         except RuntimeError as e:
             raise RuntimeError(f"teacher checkpoint does not match the model: {e}") from None
+
+
+class OffsetTeacher:
+    """An EMA or frozen teacher stored as a bf16 offset from the student (``method.teacher_storage=
+    offset``): phi = theta + delta. Half the memory of an fp32 copy, and unlike a bf16 copy of phi it
+    keeps the EMA's small steps: delta is the teacher's distance from the student, so bf16's relative
+    precision applies to that distance, not to the weights.
+
+    The offset follows the student inside the optimizer step, tensor by tensor (``optim.AdamW``'s
+    ``on_update``): phi' = alpha theta' + (1 - alpha) phi gives delta' = (1 - alpha)(delta + theta -
+    theta'), rounded stochastically to bf16 (frozen: alpha = 0). Scoring runs the student's own modules
+    with theta + delta formed one module at a time (forward hooks), and the output head's weight formed
+    once per micro-batch (``head``), so no second copy of the weights is ever resident.
+    """
+
+    adapter = False
+
+    def __init__(self, kind: str, student: torch.nn.Module, alpha: float):
+        if kind not in ("ema", "frozen"):
+            raise ConfigError(f"method.teacher_storage=offset is for an ema or frozen teacher, not {kind}")
+        self.kind, self.model = kind, student
+        self.alpha = alpha if kind == "ema" else 0.0
+        self.names = {p: n for n, p in student.named_parameters()}  # tied weights: the first name
+        self.delta = {p: torch.zeros_like(p, dtype=torch.bfloat16) for p in self.names}
+
+    def follow(self, opt) -> None:
+        """Update the offset inside ``opt``'s step (an ``optim.AdamW``)."""
+        if not hasattr(opt, "on_update"):
+            raise TypeError(
+                "an offset teacher needs the per-tensor optimizer (build_optimizer(per_tensor=True))"
+            )
+        opt.on_update = self._follow
+
+    @torch.no_grad()
+    def _follow(self, p: torch.Tensor, old: torch.Tensor, step: int, index: int) -> None:
+        from sdft_cli.optim import _round_stochastic, seeded
+
+        d = self.delta[p]
+        new = (d.float() + old - p).mul_(1.0 - self.alpha)
+        d.copy_(_round_stochastic(new, seeded(1, step, index)))
+
+    def update(self, student: torch.nn.Module) -> None:
+        """Nothing: the offset moved inside the optimizer step."""
+
+    def shard(self, device: torch.device) -> None:
+        raise ConfigError("method.teacher_storage=offset in a multi-process run is not supported yet")
+
+    def scoring(self):
+        return _offset_weights(self.model, self.delta)
+
+    def head(self):
+        from sdft_cli.forward import output_head
+
+        head, _ = output_head(self.model)
+        w = head.weight
+        head.weight = w.detach() + self.delta[w].to(w.dtype) if w in self.delta else w.detach()
+        return head
+
+    def load_weights(self, model_dir: Path, trust_remote_code: bool = False) -> None:
+        raise ConfigError("a teacher from other weights (method.reinvoke) needs method.teacher_storage=copy")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {self.names[p]: d.clone() for p, d in self.delta.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names.values() if n not in state]
+        if missing:
+            raise RuntimeError(f"teacher checkpoint does not match the model: missing {missing[:3]}")
+        for p, n in self.names.items():
+            self.delta[p].copy_(state[n])
+
+
+class _offset_weights:
+    """While active, every module computes with theta + delta for its own parameters: a forward
+    pre-hook swaps each parameter's data for the sum, the forward hook swaps it back."""
+
+    def __init__(self, model: torch.nn.Module, delta: dict):
+        self.model, self.delta, self.handles, self.saved = model, delta, [], {}
+
+    def _pre(self, module, args):
+        for p in module.parameters(recurse=False):
+            if p in self.delta and p not in self.saved:
+                self.saved[p] = p.data
+                p.data = p.data + self.delta[p].to(p.dtype)
+
+    def _post(self, module, args, out):
+        for p in module.parameters(recurse=False):
+            if p in self.saved:
+                p.data = self.saved.pop(p)
+
+    def __enter__(self):
+        for m in self.model.modules():
+            if any(True for _ in m.parameters(recurse=False)):
+                self.handles.append(m.register_forward_pre_hook(self._pre))
+                self.handles.append(m.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        for p, data in self.saved.items():
+            p.data = data
+        self.saved.clear()
+        return False
+
+
+def make_teacher(kind: str, student: torch.nn.Module, alpha: float, storage: str = "copy"):
+    """``Teacher`` (an fp32 copy, the student itself, or a LoRA adapter) or ``OffsetTeacher``."""
+    if storage == "offset" and not lora.attached(student):
+        return OffsetTeacher(kind, student, alpha)
+    return Teacher(kind, student, alpha)

@@ -92,8 +92,13 @@ def records(run):
 
 @pytest.mark.parametrize(
     "sig,extra",
-    [(signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGTERM, ["model.lora.r=4"])],
-    ids=["TERM", "INT", "TERM-lora"],
+    [
+        (signal.SIGTERM, []),
+        (signal.SIGINT, []),
+        (signal.SIGTERM, ["model.lora.r=4"]),
+        (signal.SIGTERM, ["method.teacher_storage=offset", "method.optim.moments=bf16"]),
+    ],
+    ids=["TERM", "INT", "TERM-lora", "TERM-offset-bf16"],
 )
 def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(
     tmp_path, tiny_model_dir, sig, extra
@@ -124,7 +129,8 @@ def test_a_signalled_run_checkpoints_mid_interval_exits_and_resumes_exactly(
     step = int(ckpt.name.split("_")[1])
     assert 3 <= step < 30 and (ckpt / "manifest.json").is_file()
     # a LoRA checkpoint holds the adapters, not the unchanged base weights
-    assert (ckpt / "adapter.safetensors").is_file() == bool(extra) != (ckpt / "model").is_dir()
+    lora = "model.lora.r=4" in extra
+    assert (ckpt / "adapter.safetensors").is_file() == lora != (ckpt / "model").is_dir()
     assert [r["step"] for r in records(run) if "step" in r] == list(range(1, step + 1))
     assert not (run / ".lock.owner").exists()  # the run lock went with the process
 

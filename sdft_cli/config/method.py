@@ -175,6 +175,9 @@ class SDFTConfig(MethodConfig):
     # ema: EMA of the student (paper); frozen: the student at the start of the task; live: the student itself.
     teacher: str = "ema"
     ema_alpha: float = 0.01
+    # How an ema or frozen teacher is held: copy (an fp32 copy of the weights) or offset (a bf16 offset
+    # from the student, half the memory, updated inside the optimizer step; teacher.py)
+    teacher_storage: str = "copy"
     # Compute precision of the teacher's scoring forward (no gradient flows through it): auto = that of
     # the student (model.precision); bf16 scores under bf16 autocast while the student trains in fp32.
     teacher_precision: str = "auto"
@@ -233,6 +236,12 @@ class SDFTConfig(MethodConfig):
             teacher_template(self.teacher_template, "method.teacher_template")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        _choice("method.teacher_storage", self.teacher_storage, ("copy", "offset"))
+        if self.teacher_storage == "offset" and (self.teacher == "live" or self.generate_from == "teacher"):
+            raise ConfigError(
+                "method.teacher_storage=offset holds an ema or frozen teacher that scores the student's "
+                f"samples (method.teacher={self.teacher}, method.generate_from={self.generate_from})"
+            )
         if not 1.0 <= self.is_cap < float("inf"):  # NaN fails too
             raise ConfigError(f"method.is_cap must be >= 1 and finite, got {self.is_cap}")
 

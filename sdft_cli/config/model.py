@@ -90,6 +90,11 @@ class LoraConfig:
         if self.r and not self.target_modules:
             raise ConfigError("model.lora.target_modules is empty: name the linear layers to adapt")
         _choice("model.lora.between_tasks", self.between_tasks, ("merge", "keep"))
+        if self.r and {"lm_head", "embed_tokens"} & set(self.target_modules):
+            raise ConfigError(
+                "model.lora.target_modules: the output head and the embeddings take no adapter (the loss "
+                "reads the head's weight directly); adapt the attention and MLP projections"
+            )
 
 
 @dataclass

@@ -41,7 +41,7 @@ from sdft_cli.precision import autocast, autocast_dtype
 from sdft_cli.prompts import encode_messages, left_truncate
 from sdft_cli.schedule import batch_indices, build_optimizer, step_seed, steps_per_task
 from sdft_cli.tasks import Task
-from sdft_cli.teacher import Teacher
+from sdft_cli.teacher import make_teacher
 
 
 def use_importance_sampling(cfg: SDFTConfig, backend: str, temperature: float) -> bool:
@@ -77,7 +77,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     total = steps_per_task(cfg, len(task.train))
     student.train()
     # The teacher starts from the current student (the previous task's result), not the hub base.
-    teacher = Teacher(cfg.teacher, student, cfg.ema_alpha)
+    teacher = make_teacher(cfg.teacher, student, cfg.ema_alpha, cfg.teacher_storage)
     if ctx.teacher_init is not None:  # a teacher from other weights (re-invocation: the base model)
         teacher.load_weights(ctx.teacher_init, ctx.trust_remote_code)
     sampler = student if on_policy else teacher.model
@@ -111,7 +111,8 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     if dist.enabled:
         distributed.shard(student, device)
         teacher.shard(device)
-    opt, sched = build_optimizer(student, cfg.optim, total)
+    opt, sched = build_optimizer(student, cfg.optim, total, per_tensor=cfg.teacher_storage == "offset")
+    teacher.follow(opt)  # an offset teacher moves inside the optimizer step
     state = resume(ctx, teacher, opt, sched, total)
     objective = distillation(cfg.spec())
     auto = cfg.teacher_precision == "auto"
@@ -159,7 +160,7 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
             with timer("score"), torch.no_grad(), teacher.scoring():
                 t_ctx = [teacher_ctx[rows[j]] for j in mb]
                 h_t = completion_hidden(teacher.model, t_ctx, comp, cmask, ctx.pad_id, score_amp)[sel]
-                head_t, _ = output_head(teacher.model)  # after the forward: a sharded root is gathered
+                head_t = teacher.head()  # after the forward: a sharded root is gathered
                 if ctx.autocast_dtype is None:  # scored in bf16, read by the fp32 loss
                     h_t = h_t.to(head_t.weight.dtype)
             # the student reads the prompt alone
