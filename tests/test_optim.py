@@ -175,3 +175,16 @@ def test_the_offset_teacher_stays_within_the_stated_tolerance_of_the_fp32_ema_ov
     assert not torch.allclose(offset(ids).logits, scored, atol=1e-5)  # the hooks are gone again
     head = teacher.head()
     assert torch.equal(head.weight, plain.lm_head.weight.detach())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    ids = torch.randint(5, 120, (3, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_model[0]).train()
+        if checkpointing:  # as pipeline.train_stage enables it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_gradient_checkpointing
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
