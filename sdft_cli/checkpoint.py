@@ -198,10 +198,13 @@ def save_final(train_dir: Path, student, tokenizer, info: dict, teacher: Teacher
     is merged into it (in memory too) and saved in peft's format in ``adapter/``."""
     teacher_state = teacher.state_dict() if teacher is not None else {}
     adapter = lora.state(student) if lora.attached(student) else {}
+    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
     if adapter:  # the stage's model is the merged one; the adapter is kept beside it
         peft_config = student.peft_config[lora.STUDENT]
-        lora.merge_and_unload(student)
-    weights = distributed.full_state(student) if distributed.is_sharded(student) else None
+        if weights is None:
+            lora.merge_and_unload(student)  # in memory too: the next stage and evaluation read it
+        else:  # sharded: merged from the gathered state (the run reloads the saved model)
+            weights = lora.merged_state(student, weights) if distributed.current().main else {}
     student_state = weights if weights is not None else student.state_dict()
     ensure_finite(train_dir / "model", student=student_state, teacher=teacher_state, adapter=adapter)
     if not distributed.current().main:

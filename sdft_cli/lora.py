@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sdft_cli.config import LoraConfig
+from sdft_cli.distributed import full, local
 
 STUDENT, TEACHER = "student", "teacher"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -100,7 +101,7 @@ def _adapter_params(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.
 
 def state(model: torch.nn.Module, adapter: str = STUDENT) -> dict[str, torch.Tensor]:
     """The adapter's weights on the CPU (fp32)."""
-    return {k: p.detach().cpu().clone() for k, p in _adapter_params(model, adapter).items()}
+    return {k: full(p.detach()).cpu().clone() for k, p in _adapter_params(model, adapter).items()}
 
 
 @torch.no_grad()
@@ -115,19 +116,24 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter
     for k, p in params.items():
         if p.shape != tensors[k].shape:
             raise RuntimeError(f"adapter state does not match the model: {k} {tuple(tensors[k].shape)}")
-        p.copy_(tensors[k])
+        t = tensors[k].to(p.dtype)
+        if hasattr(p, "device_mesh"):  # a DTensor: this rank's shard of the whole tensor
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+        p.copy_(t)
 
 
 @torch.no_grad()
 def copy_adapter(model: torch.nn.Module, src: str, dst: str) -> None:
     a, b = _adapter_params(model, src), _adapter_params(model, dst)
-    torch._foreach_copy_([b[k] for k in a], [a[k] for k in a])
+    torch._foreach_copy_([local(b[k]) for k in a], [local(a[k]) for k in a])
 
 
 def teacher_and_student(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The teacher's and the student's adapter tensors, paired (for the EMA update)."""
     s, t = _adapter_params(model, STUDENT), _adapter_params(model, TEACHER)
-    return [t[k] for k in s], [s[k] for k in s]
+    return [local(t[k]) for k in s], [local(s[k]) for k in s]
 
 
 @contextmanager
@@ -153,25 +159,37 @@ def weight(module: torch.nn.Module) -> torch.Tensor:
     w = module.get_base_layer().weight
     if module.disable_adapters or module.merged:
         return w
+    w = full(w.detach())  # whole tensors when sharded (every rank calls it)
     with torch.no_grad():
-        delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-    return w.detach() + delta.to(w.dtype) if torch.is_tensor(delta) else w
+        for a in module.active_adapters:
+            if a in module.lora_A:
+                b_, a_ = full(module.lora_B[a].weight.detach()), full(module.lora_A[a].weight.detach())
+                w = w + (module.scaling[a] * (b_ @ a_)).to(w.dtype)
+    return w
 
 
-def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the base model's names with the active adapter folded in: what a model
-    without LoRA would hold (vLLM pushes, rollout directories). The model's own state otherwise."""
+def merged_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's weights under the base model's names with the active adapter folded in: what a
+    model without LoRA would hold (stage models, vLLM pushes, rollout directories). The model's own
+    state otherwise. ``state``: the model's whole state already gathered (a sharded model)."""
     lora = dict(layers(model))
+    state = model.state_dict() if state is None else state
     if not lora:
-        return model.state_dict()
+        return state
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         if ".lora_" in k:
             continue
         mod, _, leaf = k.rpartition(".base_layer.")
         if mod in lora:
             k = f"{mod}.{leaf}"
-            v = weight(lora[mod]) if leaf == "weight" else v
+            if leaf == "weight":
+                name = lora[mod].active_adapters[0]  # the student's, or the teacher's while it samples
+                b_, a_ = state[f"{mod}.lora_B.{name}.weight"], state[f"{mod}.lora_A.{name}.weight"]
+                delta = lora[mod].scaling[name] * (full(b_.detach()) @ full(a_.detach()))
+                v = full(v.detach()) + delta.to(v.dtype)
         out[k] = v.detach()
     return out
 

@@ -207,8 +207,6 @@ class Run:
         # LoRA keeping one adapter over the sequence: the base weights, and the previous task's adapter
         model = self.models.get(self.base_path if keep else previous, where)
         if adapter.r:
-            if dist.enabled:
-                raise ConfigError("model.lora in a multi-process run is not supported yet: run one process")
             teacher = getattr(cfg.method, "teacher", "live") != "live"
             lora.attach(model, adapter, teacher=teacher, seed=step_seed(cfg.seed, index, lora.SEED_STEP))
             if keep:

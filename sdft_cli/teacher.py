@@ -58,7 +58,9 @@ class Teacher:
 
     def shard(self, device: torch.device) -> None:
         """Shard an own copy over the process group, as ``distributed.shard`` does the student."""
-        if self.kind != "live" and not self.adapter:
+        if self.adapter:  # sharding replaced the parameters: pair the new ones
+            self._pairs = lora.teacher_and_student(self.model)
+        elif self.kind != "live":
             distributed.shard(self.model, device)
 
     @torch.no_grad()

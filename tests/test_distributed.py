@@ -149,3 +149,18 @@ def test_preempted_two_process_run_resumes_in_one(one_process, tmp_path):
     resumed = sdft("run", *SDFT_ARGS, f"run_dir={run}", cwd=tmp_path)
     assert f"resuming from {ckpt}" in resumed.stdout
     assert_same_training(one_process, run)
+
+
+def test_a_lora_run_in_two_processes_matches_one(tmp_path):
+    """LoRA under FSDP2: the adapters are sharded with their blocks, the EMA teacher adapter follows on
+    each rank's shard, the stage model is merged from the gathered state."""
+    args = [*SDFT_ARGS, "model.lora.r=4"]
+    sdft("run", *args, "run_dir=one", cwd=tmp_path)
+    torchrun(*args, "run_dir=two", cwd=tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_same_training(one, two)
+    for name in ("adapter/adapter_model.safetensors", "teacher/teacher.safetensors"):
+        a, b = weights(one, name), weights(two, name)
+        assert set(a) == set(b) and any("lora_B" in k for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
