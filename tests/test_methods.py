@@ -173,3 +173,27 @@ def test_offline_distillation_refuses_importance_weights():
     assert compose(["method=offline_distill", "rollout.backend=vllm"]).method.generate_from == "teacher"
     with pytest.raises(ConfigError, match="method.importance_sampling=on corrects the student's own samples"):
         compose(["method=offline_distill", "method.importance_sampling=on"])
+
+
+def test_a_teacher_from_the_base_model_starts_each_later_task_at_the_base(
+    tiny_model, tiny_model_dir, copy_task_dir, tmp_path
+):
+    """method.teacher_init=base: at stage 2 a frozen teacher is the run's base model, not the student
+    trained on stage 1 (whose weights differ)."""
+    from safetensors.torch import load_file
+
+    model, tok = tiny_model
+    student = copy.deepcopy(model)
+    with torch.no_grad():  # the student after some earlier task
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = METHODS["sdft"].schema(prompts_per_step=2, micro_batch_size=1, max_steps=2, loss_chunk_size=5)
+    cfg.teacher, cfg.teacher_init, cfg.save_teacher = "frozen", "base", True
+    cfg.__post_init__()
+    task = load_task("copy", TaskConfig(source="json", path=str(copy_task_dir), max_new_tokens=6))
+    layout = RunLayout(tmp_path)
+    ctx = train_context(student, tok, cfg, layout, stage=2, base_dir=tiny_model_dir)
+    METHODS["sdft"].train(ctx, task)
+    saved = load_file(str(layout.train(2, "copy") / "teacher" / "teacher.safetensors"))
+    base = model.state_dict()
+    assert saved and all(torch.equal(v, base[k]) for k, v in saved.items())

@@ -175,6 +175,9 @@ class SDFTConfig(MethodConfig):
     # ema: EMA of the student (paper); frozen: the student at the start of the task; live: the student itself.
     teacher: str = "ema"
     ema_alpha: float = 0.01
+    # Where an ema or frozen teacher starts each task: current (the student as the task starts; the paper)
+    # or base (the run's base model, whose in-context ability earlier tasks have not changed).
+    teacher_init: str = "current"
     # How an ema or frozen teacher is held: copy (an fp32 copy of the weights) or offset (a bf16 offset
     # from the student, half the memory, updated inside the optimizer step; teacher.py)
     teacher_storage: str = "copy"
@@ -237,6 +240,12 @@ class SDFTConfig(MethodConfig):
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
         _choice("method.teacher_storage", self.teacher_storage, ("copy", "offset"))
+        _choice("method.teacher_init", self.teacher_init, ("current", "base"))
+        if self.teacher_init == "base" and (self.teacher == "live" or self.teacher_storage == "offset"):
+            raise ConfigError(
+                "method.teacher_init=base starts an ema or frozen teacher held as a copy (method.teacher="
+                f"{self.teacher}, method.teacher_storage={self.teacher_storage})"
+            )
         if self.teacher_storage == "offset" and (self.teacher == "live" or self.generate_from == "teacher"):
             raise ConfigError(
                 "method.teacher_storage=offset holds an ema or frozen teacher that scores the student's "

@@ -78,8 +78,10 @@ def train_task(ctx: TrainContext, task: Task) -> Path:
     student.train()
     # The teacher starts from the current student (the previous task's result), not the hub base.
     teacher = make_teacher(cfg.teacher, student, cfg.ema_alpha, cfg.teacher_storage)
-    if ctx.teacher_init is not None:  # a teacher from other weights (re-invocation: the base model)
-        teacher.load_weights(ctx.teacher_init, ctx.trust_remote_code)
+    # a teacher from other weights: re-invocation's, or the run's base model (method.teacher_init=base)
+    init = ctx.teacher_init or (ctx.base_dir if cfg.teacher_init == "base" and ctx.stage > 1 else None)
+    if init is not None:
+        teacher.load_weights(init, ctx.trust_remote_code)
     sampler = student if on_policy else teacher.model
     device = ctx.device or next(student.parameters()).device
 
