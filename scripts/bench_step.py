@@ -11,6 +11,7 @@ runs after them for the SDFT/SFT cost ratio.
     python scripts/bench_step.py --trl-python ~/.venvs/trl-anchor/bin/python
     python scripts/bench_step.py --trl-python ~/.venvs/trl-anchor/bin/python --bf16-autocast
     python scripts/bench_step.py --no-trl                 # ours only (SDFT and SFT)
+    python scripts/bench_step.py --no-trl --ours-moments bf16 --ours-teacher-storage offset   # memory options
 
 Printed per implementation: median step time (first step excluded), peak RSS, completion tokens/s, the
 time split (rollout / teacher scoring / student forward+backward / optimizer+EMA), the step's FLOPs and
@@ -60,6 +61,16 @@ def parse_args(argv=None):
     )
     ap.add_argument("--ours-checkpointing", action="store_true", help="ours: method.gradient_checkpointing")
     ap.add_argument(
+        "--ours-moments", choices=["fp32", "bf16"], default="fp32", help="ours: method.optim.moments"
+    )
+    ap.add_argument(
+        "--ours-teacher-storage",
+        choices=["copy", "offset"],
+        default="copy",
+        help="ours: method.teacher_storage (offset: the EMA teacher as a bf16 offset from the student)",
+    )
+    ap.add_argument("--ours-lora", type=int, default=0, help="ours: model.lora.r (0: full fine-tuning)")
+    ap.add_argument(
         "--ours-decoder",
         choices=["auto", "generate"],
         default="auto",
@@ -107,7 +118,19 @@ def worker(a) -> dict:
     rss_after_init = _rss_now()
     examples = [Example(i, q, d, None) for i, (q, d) in enumerate(pairs)]
     task = Task("anchor", TaskConfig(path="anchor", max_new_tokens=a.completion_len), train=examples)
-    optim = OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant", weight_decay=0.0, max_grad_norm=1.0)
+    optim = OptimConfig(
+        lr=1e-5,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        moments=a.ours_moments,
+    )
+    if a.ours_lora:
+        from sdft_cli import lora
+        from sdft_cli.config import LoraConfig
+
+        lora.attach(model, LoraConfig(r=a.ours_lora), teacher=a.worker == "sdft", seed=0)
     shared = dict(
         prompts_per_step=a.batch_size,
         micro_batch_size=a.batch_size,
@@ -128,6 +151,7 @@ def worker(a) -> dict:
             skip_first_tokens=3,
             teacher_template=template,
             teacher_precision="bf16" if bf16_inference else "auto",
+            teacher_storage=a.ours_teacher_storage,
             **shared,
         )
     else:
@@ -207,7 +231,8 @@ def run_ours(a, method: str) -> dict:
         cmd += ["--bf16-autocast"] if a.bf16_autocast else []
         cmd += ["--ours-inference", a.ours_inference]
         cmd += ["--ours-checkpointing"] if a.ours_checkpointing else []
-        cmd += ["--ours-decoder", a.ours_decoder]
+        cmd += ["--ours-decoder", a.ours_decoder, "--ours-moments", a.ours_moments]
+        cmd += ["--ours-teacher-storage", a.ours_teacher_storage, "--ours-lora", str(a.ours_lora)]
         subprocess.run(cmd, check=True, env=_env(a), stdout=subprocess.DEVNULL)
         return json.loads(Path(f.name).read_text())
 
@@ -297,7 +322,8 @@ def show(a, ours: dict, trl: dict | None, sft: dict, flops: dict, peak: float, b
     print(
         f"ours: student fp32 weights{' + bf16 autocast' if a.bf16_autocast else ''}; rollouts and teacher "
         f"scoring in {inference}; rollout.decoder={a.ours_decoder}; "
-        f"gradient checkpointing {'on' if a.ours_checkpointing else 'off'}"
+        f"gradient checkpointing {'on' if a.ours_checkpointing else 'off'}; AdamW moments {a.ours_moments}; "
+        f"teacher {a.ours_teacher_storage}" + (f"; LoRA r={a.ours_lora}" if a.ours_lora else "")
     )
     mm = "bf16" if a.bf16_autocast else "fp32"
     print(f"machine: matmul {peak:.1f} GFLOP/s ({mm}), memory {bandwidth:.1f} GB/s")
