@@ -12,6 +12,7 @@ runs after them for the SDFT/SFT cost ratio.
     python scripts/bench_step.py --trl-python ~/.venvs/trl-anchor/bin/python --bf16-autocast
     python scripts/bench_step.py --no-trl                 # ours only (SDFT and SFT)
     python scripts/bench_step.py --no-trl --ours-moments bf16 --ours-teacher-storage offset   # memory options
+    python scripts/bench_step.py --trl-python ~/.venvs/trl-anchor/bin/python --lora 16       # LoRA, both
 
 Printed per implementation: median step time (first step excluded), peak RSS, completion tokens/s, the
 time split (rollout / teacher scoring / student forward+backward / optimizer+EMA), the step's FLOPs and
@@ -70,6 +71,13 @@ def parse_args(argv=None):
         help="ours: method.teacher_storage (offset: the EMA teacher as a bf16 offset from the student)",
     )
     ap.add_argument("--ours-lora", type=int, default=0, help="ours: model.lora.r (0: full fine-tuning)")
+    ap.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="both: LoRA of this rank (alpha 32, every attention and MLP projection); TRL gets the same "
+        "peft_config (scripts/trl_lora.py) and keeps its EMA teacher as a second adapter, as ours does",
+    )
     ap.add_argument(
         "--ours-decoder",
         choices=["auto", "generate"],
@@ -240,6 +248,9 @@ def run_ours(a, method: str) -> dict:
 def run_trl(a) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [a.trl_python, str(Path(a.trl_dir) / "bench_trl_sdft.py"), "--model", a.model]
+        if a.lora:  # the same harness, its trainer given a peft_config
+            cmd = [a.trl_python, str(Path(__file__).with_name("trl_lora.py")), "--trl-dir", a.trl_dir]
+            cmd += ["--r", str(a.lora), "--alpha", "32", "--", "--model", a.model]
         cmd += ["--max-steps", str(a.steps), "--threads", str(a.threads), "--json-out", f.name]
         cmd += ["--warmup-steps", str(a.warmup_steps), "--batch-size", str(a.batch_size)]
         cmd += ["--completion-len", str(a.completion_len)]
@@ -362,6 +373,8 @@ def show(a, ours: dict, trl: dict | None, sft: dict, flops: dict, peak: float, b
 
 def main() -> int:
     a = parse_args()
+    if a.lora:
+        a.ours_lora = a.lora
     if not a.model:
         harness_model = Path.home() / ".cache" / "sdft-bench" / "smollm2-hf"
         if harness_model.is_dir():

@@ -244,20 +244,41 @@ def plan(
     params: float = typer.Option(None, help="Model parameters (default: from the model's config, if local)."),
     tflops: float = typer.Option(400.0, help="Effective TFLOP/s per GPU for the GPU-hour estimate."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    device_gib: float = typer.Option(
+        None, "--device-gib", help="Plan memory for one GPU of this size and say whether the run fits."
+    ),
+    processes: int = typer.Option(1, help="Processes (GPUs) the run is sharded over with FSDP2."),
 ) -> None:
-    """Print what a run would do, without loading the model's weights."""
+    """Print what a run would do and its peak memory per device, without loading the model's weights."""
     import json
+    from dataclasses import asdict
 
     from sdft_cli.compose import compose
-    from sdft_cli.plan import count_parameters, count_trainable, render
+    from sdft_cli.memory import render_memory
+    from sdft_cli.plan import count_parameters, count_trainable, memory, render
     from sdft_cli.plan import plan as make_plan
 
     try:
         cfg = compose(overrides or [])
         p = make_plan(cfg, params or count_parameters(cfg), count_trainable(cfg))
+        cuda = device_gib is not None or cfg.device == "cuda"
+        if cfg.device == "auto" and device_gib is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        mem = memory(cfg, "cuda" if cuda else "cpu", device_gib, processes)
     except SdftError as e:
         _fail(str(e))
-    typer.echo(json.dumps(p, indent=2) if json_out else render(p, tflops))
+    if json_out:
+        p["memory"] = None if mem is None else {**asdict(mem), "peak": mem.peak, "device_gib": device_gib}
+        typer.echo(json.dumps(p, indent=2))
+        return
+    lines = [render(p, tflops), ""]
+    if mem is None:
+        lines.append("memory plan: needs the model's config and the task rows here")
+    else:
+        lines += render_memory(mem, device_gib)
+    typer.echo("\n".join(lines))
 
 
 @app.command()

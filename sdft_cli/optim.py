@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+# elements per slice of a tensor's update (16 MiB of fp32): the step's temporaries stay this small
+CHUNK = 1 << 22
+
 
 def _round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased)."""
@@ -40,9 +43,10 @@ def _moments_to_dtype(opt: torch.optim.Optimizer) -> None:
 
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) over fp32 weights, one tensor at a time, with its
-    moments in ``moments`` (bf16: stochastic rounding). ``on_update(p, old, step, index)`` runs after each
-    tensor's update with its previous values, so state that follows the weights (the offset teacher,
-    ``teacher.py``) is updated inside the step with one tensor's copy alive at a time."""
+    moments in ``moments`` (bf16: stochastic rounding), in slices of ``CHUNK`` elements.
+    ``on_update(p, sl, old, step, index, part)`` runs after each slice's update with its previous values
+    (``old`` = the flat slice ``sl`` of ``p``, slice number ``part``), so state that follows the weights
+    (the offset teacher, ``teacher.py``) is updated inside the step with one slice's copy alive."""
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, moments=torch.bfloat16, seed=0
@@ -74,20 +78,25 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments)
                 state["step"] += 1
                 t = int(state["step"])
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - b1)  # in place when the moments are fp32
-                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                if low:
-                    gen = seeded(self.seed, t, index)
-                    state["exp_avg"].copy_(_round_stochastic(m, gen))
-                    state["exp_avg_sq"].copy_(_round_stochastic(v, gen))
-                old = p.detach().clone() if self.on_update is not None else None
-                if wd:
-                    p.mul_(1 - lr * wd)
-                denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-                if old is not None:
-                    self.on_update(p, old, t, index)
+                gen = seeded(self.seed, t, index) if low else None
+                flat, grad = p.view(-1), p.grad.view(-1)
+                m_all, v_all = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+                # slice by slice: the fp32 temporaries span CHUNK elements, not the largest tensor
+                for part, a in enumerate(range(0, flat.numel(), CHUNK)):
+                    sl = slice(a, a + CHUNK)
+                    w, g = flat[sl], grad[sl].float()
+                    m = m_all[sl].float().lerp_(g, 1 - b1)  # in place when the moments are fp32
+                    v = v_all[sl].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                    if gen is not None:
+                        m_all[sl].copy_(_round_stochastic(m, gen))
+                        v_all[sl].copy_(_round_stochastic(v, gen))
+                    old = w.clone() if self.on_update is not None else None
+                    if wd:
+                        w.mul_(1 - lr * wd)
+                    denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+                    w.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                    if old is not None:
+                        self.on_update(p, sl, old, t, index, part)
         return loss
 
 

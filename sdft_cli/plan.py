@@ -15,6 +15,7 @@ from sdft_cli import lora
 from sdft_cli.artifacts import cache_dir
 from sdft_cli.config import Config, SDFTConfig, SFTReinvokeConfig
 from sdft_cli.errors import ConfigError, SdftError
+from sdft_cli.memory import Lengths, MemoryPlan, memory_plan
 from sdft_cli.models import load_config
 from sdft_cli.prior import runs_at
 from sdft_cli.schedule import steps_per_task
@@ -36,20 +37,38 @@ class TaskPlan:
     periodic: int = 0  # periodic evaluations during the task (eval.every_steps)
 
 
+def _model_dir(cfg: Config):
+    """Where the model's config and tokenizer are, without building or converting anything; None when
+    they are not here (tiny models answer with their config instead: see ``_arch``)."""
+    if cfg.model.source == "hf":
+        return cfg.model.path
+    if cfg.model.source == "smollm2":
+        return cache_dir() / "models" / "smollm2-135m-instruct-hf"
+    return None
+
+
+def _arch(cfg: Config):
+    """The model's transformers config, or None when it is not local (a hub id offline, toy models)."""
+    if cfg.model.source == "tiny_random":
+        from sdft_cli.builders import build_tiny_tokenizer, llama_config
+
+        return llama_config(cfg.model.tiny, build_tiny_tokenizer())
+    path = _model_dir(cfg)
+    if path is None:
+        return None
+    try:
+        return load_config(path, cfg.model.trust_remote_code)
+    except (OSError, ValueError, ConfigError):  # not downloaded, or a hub id offline
+        return None
+
+
 def _meta_model(cfg: Config):
     """The model's architecture on the meta device (no weights), or None when its config is not here."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if cfg.model.source == "hf":
-        path = cfg.model.path
-    elif cfg.model.source == "smollm2":
-        path = cache_dir() / "models" / "smollm2-135m-instruct-hf"
-    else:
-        return None  # tiny and toy models: built locally, sized in docs
-    try:
-        arch = load_config(path, cfg.model.trust_remote_code)
-    except (OSError, ValueError, ConfigError):  # not downloaded, or a hub id offline
+    arch = _arch(cfg)
+    if arch is None:
         return None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(arch)
@@ -255,9 +274,89 @@ def render(p: dict, tflops: float) -> str:
             f"compute: {p['flops']:.3e} FLOPs = {hours:.2f} GPU-hours at {tflops:g} effective TFLOP/s "
             "(--tflops; completions at their maximum length, prompts not counted)",
         ]
+    elif p.get("params"):
+        lines += [f"model parameters: {p['params'] / 1e9:.3f} B", *_trainable_line(p)]
+        lines.append("compute: no task rows here to count tokens over")
     else:
         lines.append("compute: model size unknown (pass --params, or a model whose config is local)")
     lines.append(
         "'?' = data not loadable here (a hub dataset offline); the figures then leave that task out."
     )
     return "\n".join(lines)
+
+
+def _tokenizer(cfg: Config):
+    if cfg.model.source == "tiny_random":
+        from sdft_cli.builders import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from sdft_cli.models import load_tokenizer
+
+    return load_tokenizer(_model_dir(cfg), cfg.model.trust_remote_code)
+
+
+def lengths(cfg: Config, tok, max_rows: int = 2000) -> Lengths | None:
+    """The longest student context, teacher context and trained completion over the tasks' training rows
+    (the first ``max_rows`` of each), in tokens: the micro-batch the memory plan sizes."""
+    from sdft_cli.names import resolve_teacher_template
+    from sdft_cli.prompts import encode_messages, encode_target, left_truncate
+
+    method = cfg.method
+    sdft = isinstance(method, SDFTConfig)
+    cut = getattr(method, "max_prompt_tokens", None)
+    best = Lengths(0, 0, 0)
+    for name, tcfg in cfg.task.items():
+        try:
+            task = load_task(name, tcfg, train=True, max_test=cfg.eval.max_items)
+        except SdftError:
+            continue
+        rows = task.train[:max_rows]
+        template = resolve_teacher_template(getattr(method, "teacher_template", None), tcfg.teacher_template)
+        for ex in rows:
+            s = len(left_truncate(encode_messages(tok, task.student(ex)), cut))
+            best.student_context = max(best.student_context, s)
+            if sdft:
+                t = len(left_truncate(encode_messages(tok, task.teacher(ex, template)), cut))
+                best.teacher_context = max(best.teacher_context, t)
+        if sdft:
+            best.completion = max(best.completion, cfg.rollout.max_new_tokens or tcfg.max_new_tokens)
+        else:
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            for ex in rows:
+                target = encode_target(tok, task.student(ex), ex.demonstration or "", eos)
+                best.completion = max(best.completion, len(target))
+    return best if best.student_context else None
+
+
+def capped_lengths(cfg: Config) -> Lengths | None:
+    """Lengths from the config's caps alone, when the rows or the tokenizer are not here: contexts at
+    ``method.max_prompt_tokens`` (left truncation), completions at the rollout's or the task's cap."""
+    cut = getattr(cfg.method, "max_prompt_tokens", None)
+    if not cut or not cfg.task:
+        return None
+    completion = max(cfg.rollout.max_new_tokens or t.max_new_tokens for t in cfg.task.values())
+    return Lengths(cut, cut, completion)
+
+
+def memory(
+    cfg: Config, device: str = "cpu", device_gib: float | None = None, processes: int = 1
+) -> MemoryPlan | None:
+    """The memory plan of ``cfg`` (None when the model's config is not here, or neither the task rows
+    with the tokenizer nor ``method.max_prompt_tokens`` give the lengths)."""
+    arch = _arch(cfg)
+    if arch is None:
+        return None
+    try:
+        size = lengths(cfg, _tokenizer(cfg))
+    except (OSError, ValueError, SdftError):  # a config without its tokenizer
+        size = None
+    notes = []
+    if size is None:
+        size = capped_lengths(cfg)
+        notes.append("lengths from the caps: contexts at method.max_prompt_tokens (rows not read)")
+    params, trainable = count_parameters(cfg), count_trainable(cfg)
+    if size is None or params is None or trainable is None:
+        return None
+    out = memory_plan(cfg, arch, params, trainable, size, device, device_gib, processes)
+    out.notes += notes
+    return out

@@ -137,12 +137,14 @@ class OffsetTeacher:
         opt.on_update = self._follow
 
     @torch.no_grad()
-    def _follow(self, p: torch.Tensor, old: torch.Tensor, step: int, index: int) -> None:
+    def _follow(
+        self, p: torch.Tensor, sl: slice, old: torch.Tensor, step: int, index: int, part: int
+    ) -> None:
         from sdft_cli.optim import _round_stochastic, seeded
 
-        d = self.delta[p]
-        new = (d.float() + old - p).mul_(1.0 - self.alpha)
-        d.copy_(_round_stochastic(new, seeded(1, step, index)))
+        d = self.delta[p].view(-1)[sl]
+        new = (d.float() + old - p.view(-1)[sl]).mul_(1.0 - self.alpha)
+        d.copy_(_round_stochastic(new, seeded(1, step, index, part)))
 
     def update(self, student: torch.nn.Module) -> None:
         """Nothing: the offset moved inside the optimizer step."""

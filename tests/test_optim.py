@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from sdft_cli import distributed
+from sdft_cli import distributed, optim
 from sdft_cli.config import OptimConfig
 from sdft_cli.optim import _round_stochastic
 from sdft_cli.schedule import build_optimizer
@@ -103,7 +104,10 @@ def test_the_moments_are_bf16_and_a_checkpoint_round_trip_keeps_them_so(tiny_mod
         )
 
 
-def test_the_per_tensor_adamw_with_fp32_moments_is_torchs_adamw(tiny_model):
+@pytest.mark.parametrize("chunk", [optim.CHUNK, 1000], ids=["whole", "sliced"])
+def test_the_per_tensor_adamw_with_fp32_moments_is_torchs_adamw(tiny_model, chunk, monkeypatch):
+    """Also when every tensor is updated in slices (``optim.CHUNK``, here smaller than most tensors)."""
+    monkeypatch.setattr(optim, "CHUNK", chunk)
     a, b = copy.deepcopy(tiny_model[0]).train(), copy.deepcopy(tiny_model[0]).train()
     cfg = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=0, schedule="constant")
     ours, _ = build_optimizer(a, cfg, 10, per_tensor=True)
@@ -175,6 +179,17 @@ def test_the_offset_teacher_stays_within_the_stated_tolerance_of_the_fp32_ema_ov
     assert not torch.allclose(offset(ids).logits, scored, atol=1e-5)  # the hooks are gone again
     head = teacher.head()
     assert torch.equal(head.weight, plain.lm_head.weight.detach())
+
+
+def test_the_offset_teacher_follows_a_sliced_update(tiny_model, monkeypatch):
+    """Updated slice by slice (``optim.CHUNK`` smaller than most tensors), the offset still tracks the
+    fp32 EMA within the stated tolerance."""
+    monkeypatch.setattr(optim, "CHUNK", 1000)
+    start = copy.deepcopy(tiny_model[0]).train()
+    exact, offset = copy.deepcopy(start), copy.deepcopy(start)
+    _, phi_ref, _ = _distil(exact, "copy", 20)
+    _, phi, _ = _distil(offset, "offset", 20)
+    assert float((phi - phi_ref).norm() / (phi_ref - _weights(start)).norm()) <= TEACHER_ERR
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
