@@ -72,6 +72,9 @@ def parse_args(argv=None):
     )
     ap.add_argument("--ours-lora", type=int, default=0, help="ours: model.lora.r (0: full fine-tuning)")
     ap.add_argument(
+        "--ours-loss-chunk", type=int, default=256, help="ours: method.loss_chunk_size (tokens per chunk)"
+    )
+    ap.add_argument(
         "--lora",
         type=int,
         default=0,
@@ -147,6 +150,7 @@ def worker(a) -> dict:
         save_every=0,
         log_samples=0,
         optim=optim,
+        loss_chunk_size=a.ours_loss_chunk,
     )
     bf16_inference = a.ours_inference == "bf16"
     shared["gradient_checkpointing"] = a.ours_checkpointing
@@ -241,6 +245,7 @@ def run_ours(a, method: str) -> dict:
         cmd += ["--ours-checkpointing"] if a.ours_checkpointing else []
         cmd += ["--ours-decoder", a.ours_decoder, "--ours-moments", a.ours_moments]
         cmd += ["--ours-teacher-storage", a.ours_teacher_storage, "--ours-lora", str(a.ours_lora)]
+        cmd += ["--ours-loss-chunk", str(a.ours_loss_chunk)]
         subprocess.run(cmd, check=True, env=_env(a), stdout=subprocess.DEVNULL)
         return json.loads(Path(f.name).read_text())
 
@@ -334,7 +339,8 @@ def show(a, ours: dict, trl: dict | None, sft: dict, flops: dict, peak: float, b
         f"ours: student fp32 weights{' + bf16 autocast' if a.bf16_autocast else ''}; rollouts and teacher "
         f"scoring in {inference}; rollout.decoder={a.ours_decoder}; "
         f"gradient checkpointing {'on' if a.ours_checkpointing else 'off'}; AdamW moments {a.ours_moments}; "
-        f"teacher {a.ours_teacher_storage}" + (f"; LoRA r={a.ours_lora}" if a.ours_lora else "")
+        f"teacher {a.ours_teacher_storage}; loss chunk {a.ours_loss_chunk}"
+        + (f"; LoRA r={a.ours_lora}" if a.ours_lora else "")
     )
     mm = "bf16" if a.bf16_autocast else "fp32"
     print(f"machine: matmul {peak:.1f} GFLOP/s ({mm}), memory {bandwidth:.1f} GB/s")

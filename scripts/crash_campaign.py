@@ -5,6 +5,7 @@ uninterrupted run, and print a table of kill points and the totals.
     python scripts/crash_campaign.py                       # every chain + 5 random trials of 2 kills
     python scripts/crash_campaign.py --chains A,C --random 0 --jobs 1
     python scripts/crash_campaign.py --ci                  # the short chain the CI test runs
+    python scripts/crash_campaign.py model.lora.r=4        # the campaign on a LoRA run
 
 Exits 1 when a run differs from the uninterrupted one, loses data, does not recover, or a targeted
 kill point does not fire. The harness is tests/crash_harness.py.
@@ -58,6 +59,11 @@ def main() -> int:
     ap.add_argument("--ci", action="store_true", help="only the short CI chain")
     ap.add_argument("--snapshot", action="store_true", help="run a copy of the package taken at start")
     ap.add_argument("--json", type=Path, help="also write the rows and totals here")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        help="overrides added to the campaign's run (model.lora.r=4: the same campaign on a LoRA run)",
+    )
     a = ap.parse_args()
 
     work = a.work or Path(tempfile.mkdtemp(prefix="crash_campaign_"))
@@ -67,7 +73,7 @@ def main() -> int:
     if a.snapshot:
         src = snapshot(work / "src")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-    harness = ch.Harness(work, env)
+    harness = ch.Harness(work, env, [*ch.RUN_ARGS, *a.overrides])
     t0 = time.perf_counter()
     harness.make_reference()
     print(f"uninterrupted run: {harness.reference_seconds:.1f} s ({work / 'reference'})", flush=True)

@@ -189,7 +189,9 @@ class _FusedLoss(torch.autograd.Function):
                         if p is head.weight:  # accumulated in place, in the accumulator's precision
                             g = gz.T.to(acc)
                             if grad_p[i] is None:
-                                grad_p[i] = g @ hc.to(acc)
+                                grad_p[i] = (g @ hc.to(acc)).to(acc)
+                            elif amp:  # the chunk's product in bf16, as autocast forms weight gradients
+                                grad_p[i].add_(g @ hc.to(acc))
                             else:
                                 grad_p[i].addmm_(g, hc.to(acc))
                         elif p is head.bias:

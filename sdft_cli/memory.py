@@ -263,7 +263,7 @@ def memory_plan(
     # noise at a time (optim.CHUNK elements, or the largest tensor when smaller)
     if per_tensor and not use_lora:
         span = min(_largest_tensor(arch, shape), CHUNK)
-        opt_tmp = span * 4 * (6 if method.optim.moments == "bf16" else 3)
+        opt_tmp = span * 4 * (6 if method.optim.moments == "bf16" else 3) + CHUNK * 4  # + the noise table
     else:
         opt_tmp = 0.0
     p["optimizer_step"] = opt_tmp

@@ -140,11 +140,11 @@ class OffsetTeacher:
     def _follow(
         self, p: torch.Tensor, sl: slice, old: torch.Tensor, step: int, index: int, part: int
     ) -> None:
-        from sdft_cli.optim import _round_stochastic, seeded
+        from sdft_cli.optim import _round_stochastic
 
         d = self.delta[p].view(-1)[sl]
         new = (d.float() + old - p.view(-1)[sl]).mul_(1.0 - self.alpha)
-        d.copy_(_round_stochastic(new, seeded(1, step, index, part)))
+        d.copy_(_round_stochastic(new, 1, step, index, part))
 
     def update(self, student: torch.nn.Module) -> None:
         """Nothing: the offset moved inside the optimizer step."""

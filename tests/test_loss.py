@@ -355,3 +355,45 @@ def test_the_teacher_logits_formed_in_the_loss_are_timed_as_teacher_work():
     timer.totals.update(update=2.0, score=0.5)
     timer.move(0.75, "update", "score")
     assert timer.pop() == {"time/update": 1.25, "time/score": 1.25}
+
+
+def test_fused_loss_under_bf16_autocast_accumulates_the_head_gradient_over_chunks_in_fp32():
+    """Under bf16 autocast (the default on CPUs with native bf16 and on GPUs) a micro-batch of more tokens
+    than one chunk adds each chunk's head-weight gradient into an fp32 accumulator; the result agrees
+    with one chunk and, to bf16 precision, with fp32 computation."""
+    g = torch.Generator().manual_seed(0)
+    n, hid, vocab = 40, 16, 50
+    h = torch.randn(n, hid, generator=g)
+    w = 0.5 * torch.randn(vocab, hid, generator=g)
+    t_hidden = torch.randn(n, hid, generator=g)
+    w_t = 0.5 * torch.randn(vocab, hid, generator=g)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    weights = torch.full((n,), 1.0 / n)
+    objective = distillation(DivergenceSpec())
+
+    def grads(chunk: int, amp: bool):
+        hc, wc = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fused_loss(
+                hc,
+                LinearHead(wc),
+                params=[wc],
+                objective=objective,
+                targets=targets,
+                weights=weights,
+                teacher=t_hidden,
+                teacher_head=LinearHead(w_t),
+                seq_ids=torch.zeros(n, dtype=torch.long),
+                chunk_size=chunk,
+            )
+        out.loss.backward()
+        return hc.grad, wc.grad
+
+    exact = grads(0, amp=False)
+    one = grads(0, amp=True)
+    chunked = grads(7, amp=True)  # 6 chunks, the last one short
+    assert chunked[1].dtype == torch.float32
+    for got, ref in zip(chunked, one, strict=True):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-3)
+    for got, ref in zip(chunked, exact, strict=True):
+        torch.testing.assert_close(got, ref, rtol=5e-2, atol=5e-3)

@@ -15,17 +15,17 @@ from sdft_cli.schedule import build_optimizer
 
 # The stated tolerances: after 200 steps, |theta - theta_fp32| / |theta_fp32 - theta_0| over all trained
 # weights, and the largest gap between the two loss curves relative to the loss.
-# Measured at lr 1e-3 (loss 5.57 -> 1.10): drift 0.0083, loss gap 0.0062; a fp32 run from a start
+# Measured at lr 1e-3 (loss 5.57 -> 1.10): drift 0.0071, loss gap 0.0026; a fp32 run from a start
 # perturbed by 1e-6 (relative) drifts 8e-5, so the drift is the moments' doing, not chaos.
 DRIFT, LOSS_GAP = 0.02, 0.015
 # The offset teacher: |phi - phi_fp32| / |phi_fp32 - theta_0| after 200 steps of self-distillation
-# (measured 0.00095; the student's drift 0.00093, the loss gap 0.0006, held to DRIFT and LOSS_GAP).
+# (measured 0.00145; the student's drift 0.00182, the loss gap 0.0016, held to DRIFT and LOSS_GAP).
 TEACHER_ERR = 0.01
 
 
 def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
     x = torch.tensor([1.0 + 2**-10, -3.14159, 1e-20, 0.0, 7.0]).repeat(20000, 1)
-    r = _round_stochastic(x.clone(), torch.Generator().manual_seed(0)).float()
+    r = _round_stochastic(x.clone(), 0, 1, 2).float()
     for col in range(x.shape[1]):
         v, exact = r[:, col], float(x[0, col])
         values = sorted(set(v.tolist()))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from conftest import sdft
 
 from sdft_cli.compose import compose
@@ -44,7 +45,13 @@ def test_parameters_come_from_the_config_on_the_meta_device(tiny_model, tiny_mod
     model, _ = tiny_model
     cfg = compose(["model=hf", f"model.path={tiny_model_dir}", "model.name=t"])
     assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
-    assert count_parameters(compose(["experiment=smoke"])) is None
+    # a tiny random model is sized from its own config (nothing built)
+    from sdft_cli.builders import build_tiny_tokenizer, llama_config
+
+    smoke = compose(["experiment=smoke"])
+    tiny = transformers.LlamaForCausalLM(llama_config(smoke.model.tiny, build_tiny_tokenizer()))
+    assert count_parameters(smoke) == sum(p.numel() for p in tiny.parameters())
+    assert count_parameters(compose(["experiment=toy_world"])) is None  # built by pretraining
 
 
 def test_lora_counts_the_adapters_parameters_and_trains_at_4n(tiny_model, tiny_model_dir):
@@ -72,9 +79,13 @@ def test_lora_counts_the_adapters_parameters_and_trains_at_4n(tiny_model, tiny_m
 
 def test_cli_prints_the_plan_and_json(offline_env, tmp_path):
     args = ("plan", "experiment=smoke", "--params", "7e9")
-    out = sdft(*args, cwd=tmp_path)
+    out = sdft(*args, "--device-gib", "0.5", cwd=tmp_path)
     assert "optimizer steps: 6" in out.stdout and "GPU-hours at 400 effective TFLOP/s" in out.stdout
+    # the memory plan for one GPU of 0.5 GiB: the CUDA context alone does not fit
+    assert "memory plan, per CUDA device" in out.stdout and "fits 0.5 GiB: NO" in out.stdout
     data = json.loads(sdft(*args, "--json", cwd=tmp_path).stdout)
     assert data["params"] == 7e9 and [t["name"] for t in data["tasks"]] == ["toolcall", "mcq", "facts"]
+    mem = data["memory"]  # this machine's device, the tiny model's own size (not --params)
+    assert mem["peak"] == max(mem["phases"].values()) and mem["parts"]["weights"] > 0
     bad = sdft("plan", "task=nope", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr
