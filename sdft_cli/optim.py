@@ -5,9 +5,9 @@ Exact AdamW keeps two fp32 moments per weight, 8 bytes per parameter: for a 135M
 fp32, one tensor at a time, rounding back stochastically: a moment that moves by less than bf16's step
 (2^-8 of its size; the second moment at beta2 = 0.999 does every step) still moves on average instead
 of stalling. The rounding noise is read from a fixed random table at offsets set by the step, the
-tensor and the slice, so a resumed run rounds exactly as an uninterrupted one. Weights and their update stay fp32, and clipping
-by the global gradient norm happens before the step as always. (8-bit moments, torchao's
-``AdamW8bit``, keep them in a tensor subclass that torch's optimizer state dicts and our
+tensor and the slice, so a resumed run rounds exactly as an uninterrupted one. Weights and their update
+stay fp32, and clipping by the global gradient norm happens before the step as always. (8-bit moments,
+torchao's ``AdamW8bit``, keep them in a tensor subclass that torch's optimizer state dicts and our
 ``weights_only`` checkpoint loading do not carry; they are not offered.) ``tests/test_optim.py``
 bounds how far 200 steps drift from exact AdamW on the tiny model.
 """
