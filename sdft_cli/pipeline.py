@@ -34,7 +34,7 @@ from sdft_cli.models import (
     resolve_model_dir,
 )
 from sdft_cli.names import resolve_teacher_template
-from sdft_cli.precision import autocast_dtype, inference_dtype, resolve_device
+from sdft_cli.precision import autocast_dtype, inference_dtype, release_freed_memory, resolve_device
 from sdft_cli.preconditions import precondition_stage, print_table
 from sdft_cli.provenance import check_config, config_yaml, data_hashes, write_provenance
 from sdft_cli.report import print_matrix, rebuild_matrix
@@ -173,12 +173,14 @@ class Run:
                 previous = self.base_path
             # ------------------------------------------------------------ train on task i (every rank)
             if distributed.from_main(main and not verified(layout.train(i, name))):
+                release_freed_memory()  # the last evaluation's buffers are not the training's
                 self.train_stage(i, name, previous)
             # ------------------------------------------------------------ evaluate after task i (rank 0)
             if main:
                 # a crash while the finished stage dropped its checkpoints leaves them behind
                 shutil.rmtree(layout.checkpoints(i, name), ignore_errors=True)
                 if not verified(layout.eval(i, name)):
+                    release_freed_memory()  # nor are the training's the evaluation's
                     self.eval_stage(layout.eval(i, name), i, name, layout.model(i, name), previous)
                     data = self.write_matrix()
             previous = layout.model(i, name)
