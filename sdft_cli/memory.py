@@ -190,6 +190,9 @@ def memory_plan(
             p["teacher"] = trainable * 4  # a second adapter
         elif storage == "offset":
             p["teacher"] = params * 2  # the bf16 offset
+        elif storage == "cpu" and device == "cuda":
+            p["teacher"] = 0.0  # in host memory; its forward streams one module at a time
+            plan.notes.append(f"the EMA teacher is in host memory: {params * 4 / GiB:.2f} GiB of RAM")
         else:
             p["teacher"] = params * 4  # an fp32 copy, whatever the student's dtype
     else:
@@ -229,6 +232,9 @@ def memory_plan(
     teacher_seq = lengths.teacher_context + lengths.completion if sdft else 0
     update = resident + p["activations"] + p["loss"] + p["backward"]
     teacher_fwd = rows * teacher_seq * shape["hidden"] * ab * 8
+    if teacher_kind in ("ema", "frozen") and storage == "cpu" and device == "cuda" and not use_lora:
+        # the streamed module (the embedding is the largest) and the head's weight, both fp32
+        teacher_fwd += 2 * shape["vocab"] * shape["hidden"] * 4
 
     # ------------------------------------------------------------------ rollout
     n = getattr(method, "rollouts_per_prompt", 1) if sdft else 1

@@ -130,7 +130,14 @@ class Run:
         if distributed.current().main:
             logger = RunLogger(cfg.logger, layout, dataclasses.asdict(cfg), name=layout.root.name)
         amp = autocast_dtype(cfg.model.precision, device)
-        engines = Engines(cfg.rollout, tokenizer=tok, eos_ids=eos, autocast_dtype=amp, seed=cfg.seed)
+        engines = Engines(
+            cfg.rollout,
+            tokenizer=tok,
+            eos_ids=eos,
+            autocast_dtype=amp,
+            seed=cfg.seed,
+            lora_rank=cfg.model.lora.r,
+        )
         eval_dtype = inference_dtype(cfg.eval.dtype, amp)
         evals = EvalContext(
             cfg=cfg.eval,

@@ -2,7 +2,9 @@
 or the live student itself.
 
 The EMA is an fp32 shadow updated after every optimizer step, phi <- alpha * theta + (1 - alpha) * phi;
-in a distributed run it is sharded like the student and updated shard by shard. With LoRA the teacher is
+in a distributed run it is sharded like the student and updated shard by shard. ``method.teacher_storage=
+cpu`` keeps that shadow in host memory on a GPU run: its forward streams each module's weights to the GPU
+just before the module runs, and the EMA update reads the student back. With LoRA the teacher is
 a second adapter of the student's own model (``lora.py``): the base weights are never copied, and
 scoring switches the adapter for the teacher's forward pass (``scoring``).
 """
@@ -28,28 +30,43 @@ class Teacher:
     sharded like the student (``shard``) and the EMA update runs shard by shard.
     """
 
-    def __init__(self, kind: str, student: torch.nn.Module, alpha: float):
+    def __init__(self, kind: str, student: torch.nn.Module, alpha: float, host: bool = False):
         self.kind, self.alpha = kind, alpha
         # a LoRA student: the teacher is its second adapter, started equal to the student's
         self.adapter = kind != "live" and lora.attached(student)
+        self.device = next(student.parameters()).device
+        self.host = host and kind != "live" and not self.adapter
         if kind == "live" or self.adapter:
             self.model = student
             if self.adapter:
                 lora.copy_adapter(student, lora.STUDENT, lora.TEACHER)
                 self._pairs = lora.teacher_and_student(student)
             return
-        self.model = copy.deepcopy(student).float()
+        if self.host:  # copied straight into (pinned) host memory, never a second copy on the device
+            memo = {id(p): _host_parameter(p) for p in student.parameters()}
+            self.model = copy.deepcopy(student, memo)
+        else:
+            self.model = copy.deepcopy(student).float()
         self.model.requires_grad_(False)
         self.model.eval()
 
     def scoring(self):
-        """The context of the teacher's forward pass: the teacher's adapter active (LoRA)."""
+        """The context of the teacher's forward pass: the teacher's adapter active (LoRA), or its
+        host-resident weights streamed to the device module by module."""
+        if self.host:
+            return _swapped_weights(self.model, lambda p: p.data.to(self.device, non_blocking=True))
         return lora.active(self.model, lora.TEACHER) if self.adapter else nullcontext()
 
     def head(self):
         """The teacher's output head (read after its forward: a sharded root is gathered then)."""
         from sdft_cli.forward import output_head
 
+        if self.host:
+            head = output_head(self.model)[0]
+            head.weight = head.weight.to(self.device, non_blocking=True)
+            if head.bias is not None:
+                head.bias = head.bias.to(self.device, non_blocking=True)
+            return head
         with self.scoring():
             return output_head(self.model)[0]
 
@@ -58,6 +75,8 @@ class Teacher:
 
     def shard(self, device: torch.device) -> None:
         """Shard an own copy over the process group, as ``distributed.shard`` does the student."""
+        if self.host:
+            raise ConfigError("method.teacher_storage=cpu in a multi-process run is not supported yet")
         if self.adapter:  # sharding replaced the parameters: pair the new ones
             self._pairs = lora.teacher_and_student(self.model)
         elif self.kind != "live":
@@ -73,6 +92,10 @@ class Teacher:
             torch._foreach_lerp_(t, [x.detach() for x in s], self.alpha)
             return
         t = [distributed.local(p) for p in self.model.parameters()]
+        if self.host:  # one tensor at a time back to the host: no second copy of the student anywhere
+            for ti, p in zip(t, student.parameters(), strict=True):
+                ti.lerp_(p.detach().to("cpu", torch.float32), self.alpha)
+            return
         s = [distributed.local(p.detach()).to(torch.float32) for p in student.parameters()]
         torch._foreach_lerp_(t, s, self.alpha)
 
@@ -153,7 +176,7 @@ class OffsetTeacher:
         raise ConfigError("method.teacher_storage=offset in a multi-process run is not supported yet")
 
     def scoring(self):
-        return _offset_weights(self.model, self.delta)
+        return _swapped_weights(self.model, lambda p: p.data + self.delta[p].to(p.dtype), self.delta)
 
     def head(self):
         from sdft_cli.forward import output_head
@@ -177,18 +200,25 @@ class OffsetTeacher:
             self.delta[p].copy_(state[n])
 
 
-class _offset_weights:
-    """While active, every module computes with theta + delta for its own parameters: a forward
-    pre-hook swaps each parameter's data for the sum, the forward hook swaps it back."""
+def _host_parameter(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    t = p.detach().to("cpu", torch.float32, copy=True)
+    return torch.nn.Parameter(t.pin_memory() if torch.cuda.is_available() else t, requires_grad=False)
 
-    def __init__(self, model: torch.nn.Module, delta: dict):
-        self.model, self.delta, self.handles, self.saved = model, delta, [], {}
+
+class _swapped_weights:
+    """While active, every module computes with ``make(p)`` for its own parameters (those in ``only``,
+    when given): a forward pre-hook swaps each parameter's data for it, the forward hook swaps it back,
+    so one module's replacement exists at a time (theta + delta for the offset teacher, a device copy of
+    a host-resident teacher)."""
+
+    def __init__(self, model: torch.nn.Module, make, only: dict | None = None):
+        self.model, self.make, self.only, self.handles, self.saved = model, make, only, [], {}
 
     def _pre(self, module, args):
         for p in module.parameters(recurse=False):
-            if p in self.delta and p not in self.saved:
+            if (self.only is None or p in self.only) and p not in self.saved:
                 self.saved[p] = p.data
-                p.data = p.data + self.delta[p].to(p.dtype)
+                p.data = self.make(p)
 
     def _post(self, module, args, out):
         for p in module.parameters(recurse=False):
@@ -212,7 +242,8 @@ class _offset_weights:
 
 
 def make_teacher(kind: str, student: torch.nn.Module, alpha: float, storage: str = "copy"):
-    """``Teacher`` (an fp32 copy, the student itself, or a LoRA adapter) or ``OffsetTeacher``."""
+    """``Teacher`` (an fp32 copy, in host memory with ``storage=cpu``; the student itself; or a LoRA
+    adapter) or ``OffsetTeacher``."""
     if storage == "offset" and not lora.attached(student):
         return OffsetTeacher(kind, student, alpha)
-    return Teacher(kind, student, alpha)
+    return Teacher(kind, student, alpha, host=storage == "cpu")

@@ -87,3 +87,6 @@ def test_the_7b_plan_reads_the_architecture_and_the_caps(offline_env):
     assert adapted.peak < full.peak
     sharded = memory(cfg, "cuda", 80, processes=8)
     assert sharded.parts["optimizer"] == full.parts["optimizer"] / 8
+    host = memory(compose([*args, "method.teacher_storage=cpu"]), "cuda", 80)
+    assert host.parts["teacher"] == 0 < full.parts["teacher"] and host.peak < full.peak
+    assert any("host memory" in n for n in host.notes)

@@ -192,6 +192,23 @@ def test_the_offset_teacher_follows_a_sliced_update(tiny_model, monkeypatch):
     assert float((phi - phi_ref).norm() / (phi_ref - _weights(start)).norm()) <= TEACHER_ERR
 
 
+def test_the_host_resident_teacher_is_the_fp32_copy(tiny_model):
+    """``teacher_storage=cpu`` (on a GPU run the shadow stays in host memory and its forward streams each
+    module's weights to the device) computes what the fp32 copy does, step for step; its weights are its
+    own, never the student's, and scoring leaves no hook behind. The device transfer itself is checked
+    on a GPU (scripts/gpu_check.sh)."""
+    start = copy.deepcopy(tiny_model[0]).train()
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    ref, phi_ref, _ = _distil(a, "copy", 20)
+    got, phi, teacher = _distil(b, "cpu", 20)
+    assert teacher.host and ref == got and torch.equal(phi, phi_ref)
+    own = {p.untyped_storage().data_ptr() for p in b.parameters()}
+    assert not own & {p.untyped_storage().data_ptr() for p in teacher.model.parameters()}
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in teacher.model.parameters())
+    assert not any(m._forward_pre_hooks for m in teacher.model.modules())
+    assert torch.equal(teacher.head().weight, teacher.model.lm_head.weight)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     ids = torch.randint(5, 120, (3, 16), generator=torch.Generator().manual_seed(2))
     grads = []

@@ -85,9 +85,13 @@ class VLLMConfig:
     enforce_eager: bool = False
     # KV cache of the CPU build, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = 2
+    # A LoRA student (model.lora.r > 0) in colocate mode: adapter = push only the adapter after each step
+    # (vLLM's own LoRA; the base weights once per task); merged = fold it in and push every weight.
+    lora: str = "adapter"
 
     def check(self) -> None:
         _choice("rollout.vllm.mode", self.mode, ("colocate", "checkpoint"))
+        _choice("rollout.vllm.lora", self.lora, ("adapter", "merged"))
         _positive("rollout.vllm.sync_every", self.sync_every)
         _positive("rollout.vllm.tensor_parallel_size", self.tensor_parallel_size)
         _positive("rollout.vllm.cpu_kv_cache_gib", self.cpu_kv_cache_gib)

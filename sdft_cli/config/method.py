@@ -178,8 +178,9 @@ class SDFTConfig(MethodConfig):
     # Where an ema or frozen teacher starts each task: current (the student as the task starts; the paper)
     # or base (the run's base model, whose in-context ability earlier tasks have not changed).
     teacher_init: str = "current"
-    # How an ema or frozen teacher is held: copy (an fp32 copy of the weights) or offset (a bf16 offset
-    # from the student, half the memory, updated inside the optimizer step; teacher.py)
+    # How an ema or frozen teacher is held: copy (an fp32 copy of the weights), offset (a bf16 offset
+    # from the student, half the memory, updated inside the optimizer step) or cpu (the fp32 copy in host
+    # memory on a GPU run, streamed to the GPU module by module for its forward; teacher.py)
     teacher_storage: str = "copy"
     # Compute precision of the teacher's scoring forward (no gradient flows through it): auto = that of
     # the student (model.precision); bf16 scores under bf16 autocast while the student trains in fp32.
@@ -239,17 +240,18 @@ class SDFTConfig(MethodConfig):
             teacher_template(self.teacher_template, "method.teacher_template")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"method.ema_alpha must be in (0, 1], got {self.ema_alpha}")
-        _choice("method.teacher_storage", self.teacher_storage, ("copy", "offset"))
+        _choice("method.teacher_storage", self.teacher_storage, ("copy", "offset", "cpu"))
         _choice("method.teacher_init", self.teacher_init, ("current", "base"))
         if self.teacher_init == "base" and (self.teacher == "live" or self.teacher_storage == "offset"):
             raise ConfigError(
                 "method.teacher_init=base starts an ema or frozen teacher held as a copy (method.teacher="
                 f"{self.teacher}, method.teacher_storage={self.teacher_storage})"
             )
-        if self.teacher_storage == "offset" and (self.teacher == "live" or self.generate_from == "teacher"):
+        if self.teacher_storage != "copy" and (self.teacher == "live" or self.generate_from == "teacher"):
             raise ConfigError(
-                "method.teacher_storage=offset holds an ema or frozen teacher that scores the student's "
-                f"samples (method.teacher={self.teacher}, method.generate_from={self.generate_from})"
+                f"method.teacher_storage={self.teacher_storage} holds an ema or frozen teacher that scores "
+                f"the student's samples (method.teacher={self.teacher}, "
+                f"method.generate_from={self.generate_from})"
             )
         if not 1.0 <= self.is_cap < float("inf"):  # NaN fails too
             raise ConfigError(f"method.is_cap must be >= 1 and finite, got {self.is_cap}")

@@ -64,8 +64,11 @@ class Engines:
         eos_ids: list[int],
         autocast_dtype: torch.dtype | None,
         seed: int,
+        lora_rank: int = 0,
     ):
+        """``lora_rank``: the run's model.lora.r; a colocated vLLM engine is started able to serve it."""
         self.rollout, self.tokenizer, self.eos_ids = rollout, tokenizer, eos_ids
+        self.lora_rank = lora_rank if rollout.vllm.lora == "adapter" else 0
         self.amp, self.seed = autocast_dtype, seed
         self._colocated: VLLMEngine | None = None
 
@@ -82,7 +85,8 @@ class Engines:
 
     def _colocate(self, model: torch.nn.Module, dtype: torch.dtype, source: Path | str) -> VLLMEngine:
         if self._colocated is None:  # the architecture is read from `source`; weights are pushed
-            self._colocated = VLLMEngine(source, self.rollout, **self._vllm_args(model, dtype))
+            args = self._vllm_args(model, dtype) | {"lora_rank": self.lora_rank}
+            self._colocated = VLLMEngine(source, self.rollout, **args)
         return self._colocated
 
     def for_training(

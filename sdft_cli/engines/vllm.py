@@ -8,6 +8,11 @@ the student is saved to the task's ``rollout_model/`` and a fresh engine loads i
 needs nothing from vLLM's internals (multi-node setups, memory-tight GPUs); rollouts between reloads are
 slightly off-policy and the importance weights correct for it.
 
+A LoRA student (``rollout.vllm.lora=adapter``, the default) is served by vLLM's own LoRA support: the
+base weights are pushed once per task (again only when a merge between tasks changed them) and after each
+step only the adapter, saved in peft's format (megabytes for a 7B model) and handed to the engine as a
+new ``LoRARequest``. ``lora=merged`` and the checkpoint mode push the weights with the adapter folded in.
+
 The engine returns each sampled token's log-probability (``logprobs_mode=processed_logprobs``: after
 temperature and top-k/top-p) for the truncated importance weights. The engine core runs in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which the in-memory weight push needs; tensor parallelism above
@@ -18,15 +23,30 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from sdft_cli import lora
 from sdft_cli.config import RolloutConfig
 from sdft_cli.errors import ConfigError
 from sdft_cli.lora import merged_state
 from sdft_cli.rollout import Rollouts, Sampling, assemble
+
+# the ranks vLLM's LoRA kernels are built for (vllm.config.lora.MaxLoRARanks)
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _max_lora_rank(r: int) -> int:
+    for k in _LORA_RANKS:
+        if r <= k:
+            return k
+    raise ConfigError(
+        f"model.lora.r={r}: vLLM serves adapters up to rank {_LORA_RANKS[-1]}; use rollout.vllm.lora=merged"
+    )
 
 
 def _load_weights(worker, weights):  # runs on the engine's worker (same process)
@@ -49,7 +69,9 @@ class VLLMEngine:
         seed: int,
         max_len: int,
         trust_remote_code: bool = False,
+        lora_rank: int = 0,
     ):
+        """``lora_rank``: the rank of the LoRA student the engine will serve adapter-only (0: none)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm.cpu_kv_cache_gib))
         try:
@@ -62,6 +84,14 @@ class VLLMEngine:
         self.cfg, self.cuda = cfg.vllm, torch.cuda.is_available()
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.sleeping = False
+        self.lora_request = None  # the adapter generate() applies; None = the pushed weights alone
+        self.base_pushes = self.adapter_pushes = 0
+        self._base = None  # lora.base_version of the base weights the engine holds
+        self._adapters, lora_args = None, {}
+        if lora_rank:
+            lora_args = {"enable_lora": True, "max_lora_rank": _max_lora_rank(lora_rank), "max_loras": 1}
+            self._adapters = Path(tempfile.mkdtemp(prefix="sdft-vllm-lora-"))
+            weakref.finalize(self, shutil.rmtree, self._adapters, True)  # the files go with the engine
         self.llm = LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
@@ -75,6 +105,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             enforce_eager=self.cfg.enforce_eager,
             trust_remote_code=trust_remote_code,
+            **lora_args,
         )
 
     # ------------------------------------------------------------------ weights
@@ -82,10 +113,37 @@ class VLLMEngine:
     def push(self, model: torch.nn.Module) -> None:
         """Load ``model``'s current weights into the engine (HF parameter names; vLLM maps them)."""
         self.wake()
-        # a LoRA student's weights with its adapter merged in (vLLM's own LoRA path is not used)
-        weights = ((name, p.detach()) for name, p in merged_state(model).items())
-        self.llm.collective_rpc(_load_weights, args=(weights,))
+        if self._adapters is not None and lora.attached(model):
+            if lora.base_version(model) != self._base:
+                self._load(lora.base_state(model))
+                self._base = lora.base_version(model)
+                self.base_pushes += 1
+            self._push_adapter(model)
+        else:  # a plain model, or a LoRA student with its adapter folded in
+            self._load(merged_state(model))
+            self._base, self.lora_request = None, None
         self.llm.reset_prefix_cache()
+
+    def _load(self, state: dict[str, torch.Tensor]) -> None:
+        self.llm.collective_rpc(_load_weights, args=(((k, v.detach()) for k, v in state.items()),))
+
+    def _push_adapter(self, model: torch.nn.Module) -> None:
+        from vllm.lora.request import LoRARequest
+
+        name = lora.active_adapter(model)  # the student's, or the teacher's while it samples
+        old = self.lora_request
+        self.adapter_pushes += 1
+        path = self._adapters / str(self.adapter_pushes)
+        lora.save_adapter(path, lora.state(model, name), model.peft_config[name])
+        # a new id makes the engine load the new file (it caches adapters by id)
+        self.lora_request = LoRARequest(f"sdft-{self.adapter_pushes}", self.adapter_pushes, str(path))
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._adapters is not None:
+            shutil.rmtree(self._adapters, ignore_errors=True)
 
     def wake(self) -> None:
         if self.sleeping:
@@ -119,7 +177,12 @@ class VLLMEngine:
             skip_special_tokens=True,
             detokenize=False,
         )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request,
+        )
         seqs = [torch.tensor(list(o.outputs[0].token_ids), dtype=torch.long) for o in outs]
         logprobs = None
         if sampling.logprobs:  # the sampled token's entry of each step's returned log-probs
@@ -176,6 +239,7 @@ class CheckpointEngine:
 
     def close(self) -> None:
         if self.engine is not None:
+            self.engine.close()
             del self.engine.llm
             self.engine = None
             if torch.cuda.is_available():
