@@ -26,7 +26,7 @@ def test_method_option_selects_its_schema():
 
 def test_default_is_the_embedded_run():
     cfg = compose([])
-    assert list(cfg.task) == ["toolcall", "mcq", "facts"]
+    assert list(cfg.task) == ["facts", "toolcall", "mcq"] and cfg.method.teacher_init == "base"
     assert cfg.model.source == "smollm2" and cfg.method.divergence == "forward"
     assert cfg.method.teacher == "ema" and cfg.method.ema_alpha == 0.01
     # the paper masks the first 3 completion tokens; the default's one-line answers start their format

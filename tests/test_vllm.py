@@ -20,44 +20,17 @@ pytestmark = pytest.mark.vllm
 # engine beside the module's engine (below) fails to start.
 
 
-def test_a_short_sdft_run_with_vllm_rollouts(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("lora", [[], ["model.lora.r=4"]], ids=["full", "lora"])
+def test_a_short_sdft_run_with_vllm_rollouts(tmp_path, tiny_model_dir, lora):
     # the CPU build needs a head size of 64: a 128-wide tiny model with 2 heads
     tiny = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.intermediate_size=256"]
     run = tmp_path / "r"
-    sdft(
-        "run",
-        *SMOKE,
-        *tiny,
-        "task=[facts]",
-        "rollout.backend=vllm",
-        f"run_dir={run}",
-        cwd=tmp_path,
-        process=True,
-    )
+    args = [*SMOKE, *tiny, *lora, "task=[facts]", "rollout.backend=vllm", f"run_dir={run}"]
+    sdft("run", *args, cwd=tmp_path, process=True)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step" in r]
     assert len(steps) == 2 and all("train/is_mean" in r for r in steps)  # TIS on: another engine samples
     assert all(0.5 < r["train/is_mean"] <= 2.0 for r in steps)
-    assert json.loads((run / "matrix.json").read_text())["rows"] == ["base", "1:facts"]
-
-
-def test_a_short_lora_sdft_run_with_vllm_rollouts(tmp_path, tiny_model_dir):
-    tiny = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.intermediate_size=256"]
-    run = tmp_path / "r"
-    sdft(
-        "run",
-        *SMOKE,
-        *tiny,
-        "task=[facts]",
-        "rollout.backend=vllm",
-        "model.lora.r=4",
-        f"run_dir={run}",
-        cwd=tmp_path,
-        process=True,
-    )
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "step" in r]
-    assert len(steps) == 2 and all(0.5 < r["train/is_mean"] <= 2.0 for r in steps)
     assert json.loads((run / "matrix.json").read_text())["rows"] == ["base", "1:facts"]
 
 
