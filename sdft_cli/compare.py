@@ -54,7 +54,16 @@ class RunRecord:
 
     @property
     def R(self) -> np.ndarray:
-        return np.array(self.data["values"], dtype=float)
+        """Rows 0..T, NaN rows for stages a running or stopped run has not evaluated (its matrix.json
+        holds only the rows it has)."""
+        got = np.array(self.data["values"], dtype=float).reshape(len(self.data["values"]), -1)
+        R = np.full((self.n_tasks + 1, len(self.data["columns"])), np.nan)
+        R[: min(len(got), len(R))] = got[: len(R)]
+        return R
+
+    @property
+    def finished(self) -> bool:
+        return M.last_stage(self.R) == self.n_tasks
 
 
 @dataclass
@@ -167,7 +176,9 @@ def summarize(groups: list[Group]) -> dict:
     """Numbers of the report (mean, ci95, n for each figure), JSON-ready."""
     out: dict = {"groups": {}, "preconditions": None}
     for g in groups:
-        figs = [run_figures(r) for r in g.runs]
+        # the final figures come from finished runs only: a run stopped at stage 2 of 3 would mix its
+        # stage-2 ACC into a stage-3 mean; its finished stages still count in the per-stage table
+        figs = [run_figures(r) for r in g.runs if r.finished]
         first = g.runs[0]
         T = first.n_tasks
         tasks = first.data["columns"][:T]
@@ -194,6 +205,11 @@ def summarize(groups: list[Group]) -> dict:
         out["groups"][g.label] = {
             "runs": [str(r.path) for r in g.runs],
             "seeds": sorted(r.seed for r in g.runs),
+            "unfinished": [
+                {"seed": r.seed, "stage": M.last_stage(r.R), "of": r.n_tasks, "run": str(r.path)}
+                for r in g.runs
+                if not r.finished
+            ],
             "val": mean_ci([r.val_score for r in g.runs]),
             "tasks": tasks,
             "headline": head,
@@ -237,7 +253,18 @@ def render_markdown(summary: dict, title: str = "Comparison") -> str:
     lines.append("|---|---|" + "---|" * len(HEADLINE))
     for label, g in groups.items():
         cells = [_fmt(g["headline"][k], s) for k, _, s in HEADLINE]
-        lines.append(f"| {label} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {len(g['seeds']) - len(g['unfinished'])} | " + " | ".join(cells) + " |")
+    unfinished = [(label, u) for label, g in groups.items() for u in g["unfinished"]]
+    if unfinished:
+        lines += [
+            "",
+            "Not finished (running or stopped), left out of the table above; their finished stages are "
+            "in the per-stage table: "
+            + "; ".join(
+                f"{label} seed {u['seed']} at stage {u['stage']} of {u['of']}" for label, u in unfinished
+            )
+            + ".",
+        ]
     selection = summary.get("selection")
     if selection:
         lines += ["", "## Selected on validation", ""]

@@ -146,3 +146,21 @@ def test_the_sweep_selects_per_method_on_validation_never_on_test(tmp_path):
     sel = compare.summarize(compare.collect(tmp_path))["selection"]["method=sft"]
     assert sel["selected"] == "method.optim.lr=5e-5,method=sft"
     assert sel["candidates"]["method.optim.lr=1e-5,method=sft"] is None
+
+
+def test_a_run_not_finished_is_left_out_of_the_final_figures_and_named(tmp_path):
+    """A sweep read while one of its runs is still going (matrix.json holds only its finished rows)."""
+    R = [[0.0, 0.0, 1.0], [0.5, 0.0, 0.9], [0.4, 0.6, 0.8]]
+    for seed in (0, 1):
+        make_run(tmp_path, ["method=sdft", f"seed={seed}"], R, [1.0, 1.0], seed)
+    make_run(tmp_path, ["method=sdft", "seed=2"], [[0.0, 0.0, 1.0], [0.9, 0.1, 0.2]], [1.0, 1.0], 2)
+    summary = compare.summarize(compare.collect(tmp_path))
+    g = summary["groups"]["method=sdft"]
+    # the final figures: the two finished runs only (the partial run's stage-1 prior would pull them down)
+    assert g["headline"]["prior_avg"][0] == pytest.approx(0.8) and g["headline"]["prior_avg"][2] == 2
+    assert g["unfinished"] == [{"seed": 2, "stage": 1, "of": 2, "run": str(tmp_path / "method=sdft,seed=2")}]
+    # the per-stage table counts it where it got to
+    assert g["stages"][1]["task_acc"][0] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
+    assert g["stages"][2]["task_acc"][2] == 2
+    text = compare.render_markdown(summary)
+    assert "| method=sdft | 2 |" in text and "method=sdft seed 2 at stage 1 of 2" in text
