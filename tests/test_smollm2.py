@@ -85,5 +85,8 @@ def test_embedded_default_run(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "default" / "default" / "matrix.json").read_text())
-    assert data["rows"] == ["base", "1:toolcall", "2:mcq", "3:facts"]
+    assert data["rows"] == ["base", "1:facts", "2:toolcall", "3:mcq"]
     assert all(v is not None for row in data["values"] for v in row)
+    # each task learned: right after its stage, above the base model (docs/tasks.md: +20 to +88 points)
+    R = data["values"]
+    assert all(R[j][j - 1] > R[0][j - 1] for j in (1, 2, 3)), R
