@@ -54,12 +54,8 @@ class RunRecord:
 
     @property
     def R(self) -> np.ndarray:
-        """Rows 0..T, NaN rows for stages a running or stopped run has not evaluated (its matrix.json
-        holds only the rows it has)."""
-        got = np.array(self.data["values"], dtype=float).reshape(len(self.data["values"]), -1)
-        R = np.full((self.n_tasks + 1, len(self.data["columns"])), np.nan)
-        R[: min(len(got), len(R))] = got[: len(R)]
-        return R
+        """Rows 0..T, NaN rows for stages a running or stopped run has not evaluated."""
+        return M.full_rows(self.data["values"], self.n_tasks, len(self.data["columns"]))
 
     @property
     def finished(self) -> bool:

@@ -32,6 +32,16 @@ def _check(R: np.ndarray, n_tasks: int) -> np.ndarray:
     return R
 
 
+def full_rows(values: Sequence[Sequence[float | None]], n_tasks: int, n_cols: int) -> np.ndarray:
+    """R with rows 0..T from a matrix.json's ``values``, which hold only the rows evaluated so far:
+    NaN rows for the stages still to come, NaN for a null cell."""
+    R = np.full((n_tasks + 1, n_cols), NAN)
+    got = [[NAN if v is None else float(v) for v in row] for row in values[: n_tasks + 1]]
+    if got:
+        R[: len(got)] = got
+    return R
+
+
 def last_stage(R: np.ndarray) -> int:
     """k = index of the last row of R holding any non-NaN value (0 when R is all NaN)."""
     rows = np.flatnonzero(~np.isnan(np.asarray(R, dtype=float)).all(axis=1))

@@ -274,3 +274,11 @@ def test_pass_at_k_equals_the_fraction_of_k_subsets_with_a_correct_sample():
         pass_at_k(4, 5, 1)
     with pytest.raises(ValueError):
         pass_at_k(4, 1, 5)
+
+
+def test_full_rows_pads_the_stages_still_to_come() -> None:
+    """matrix.json of a run at stage 1 of 3 holds two rows; R has four, null cells NaN."""
+    R = M.full_rows([[0.1, None], [0.5, 0.9]], n_tasks=3, n_cols=2)
+    assert R.shape == (4, 2) and R[1, 1] == 0.9 and np.isnan(R[0, 1]) and np.isnan(R[2:]).all()
+    assert M.last_stage(R) == 1
+    assert np.isnan(M.full_rows([], n_tasks=1, n_cols=2)).all()

@@ -99,10 +99,7 @@ class Run:
     @property
     def R(self) -> np.ndarray:
         """Rows 0..T (NaN rows for stages not evaluated yet) by columns; NaN where a cell is missing."""
-        got = np.array([[_f(v) for v in row] for row in self.matrix["values"]], dtype=float)
-        R = np.full((len(self.tasks) + 1, len(self.columns)), np.nan)
-        R[: min(len(got), len(R))] = got[: len(R)]
-        return R
+        return M.full_rows(self.matrix["values"], len(self.tasks), len(self.columns))
 
     @property
     def stages(self) -> int:
